@@ -1,0 +1,149 @@
+"""`hybrid-codec`: the command line. It parses and prints; the library does the work.
+
+Every CodecError becomes one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="A tiny learned image codec: 48x smaller latents from one DynamicConv layer each way.",
+)
+stdout = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ModelOption = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="Shipped model name (native, sd) or a weights file.")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
+OutOption = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (one input) or folder.")]
+
+
+@app.callback()
+def root() -> None:
+    """A tiny learned image codec: 48x smaller latents from one DynamicConv layer each way."""
+
+
+def fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def reports_errors(command):
+    """Turn the library's CodecError (and a few OS errors) into one line and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from .errors import CodecError
+
+        try:
+            return command(*args, **kwargs)
+        except CodecError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted")
+        except MemoryError:
+            fail("out of memory: try a smaller image or batch")
+
+    return wrapper
+
+
+@app.command()
+@reports_errors
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of training images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Weights file to write (.safetensors).")],
+    steps: int = 20_000,
+    batch_size: int = 16,
+    crop: int = 128,
+    lr: float = 2e-3,
+    warmup: int = 300,
+    loss: Annotated[str, typer.Option(help="mse, ms-ssim or mix.")] = "mse",
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
+    clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
+    min_scale: Annotated[float, typer.Option(help="Crops are shown at random scales in [min_scale, 1].")] = 0.5,
+    val_dir: Annotated[Optional[Path], typer.Option(help="Folder of validation images.")] = None,
+    val_every: int = 500,
+    val_limit: Annotated[int, typer.Option(help="Validate on the first N images (0: all).")] = 0,
+    checkpoint_every: int = 200,
+    resume: Annotated[Optional[Path], typer.Option(help="Checkpoint to resume from.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Weights to fine-tune from.")] = None,
+    device: DeviceOption = "auto",
+    seed: int = 0,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
+    name: Annotated[str, typer.Option(help="Model name written into the config.")] = "native",
+    encoder_hidden: int = 12,
+    decoder_hidden: int = 16,
+    decoder_kernel: int = 3,
+    kernel_init_scale: float = 1.0,
+) -> None:
+    """Train encoder and decoder together on random crops of every image in DATA_DIR."""
+    from .models import CodecConfig
+    from .train import TrainOptions
+    from .train import train as run_training
+
+    config = CodecConfig(
+        name=name, encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden, decoder_kernel=decoder_kernel
+    )
+    opts = TrainOptions(
+        data_dir=data_dir, out=out, steps=steps, batch_size=batch_size, crop=crop, lr=lr, warmup=warmup,
+        loss=loss, ema=ema, clip=clip, min_scale=min_scale, val_dir=val_dir, val_every=val_every,
+        val_limit=val_limit, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
+        device=device, seed=seed, workers=workers, model=config, kernel_init_scale=kernel_init_scale,
+    )
+    with step_progress("training") as report:
+        result = run_training(opts, report=report, log=lambda m: err.print(f"[yellow]{m}[/]", soft_wrap=True))
+    best = f", best validation PSNR {result.best_val_psnr:.2f} dB" if result.best_val_psnr is not None else ""
+    stdout.print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min{best}: wrote {result.out}")
+
+
+def step_progress(description: str):
+    """A rich progress bar fed by (step, total, metrics) reports; plain log lines when not a terminal."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def manager():
+        last_val: dict[str, float] = {}
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"), console=err, refresh_per_second=2,
+        )
+        task = progress.add_task(description, total=None, metrics="")
+        interactive = err.is_terminal
+
+        def report(step: int, total: int, metrics: dict) -> None:
+            last_val.update({k: v for k, v in metrics.items() if k.startswith("val")})
+            shown = {**{k: v for k, v in metrics.items() if not k.startswith("val")}, **last_val}
+            text = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            progress.update(task, completed=step, total=total, metrics=text)
+            if not interactive and (step % 50 == 0 or step == total or "val_psnr" in metrics):
+                err.print(f"{description} step {step}/{total}  {text}", soft_wrap=True)
+
+        with progress if interactive else contextlib.nullcontext():
+            yield report
+
+    return manager()
+
+
+def main() -> None:
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The codec: images of any size in, latent objects out, and back.
+
+`encode_tensor` / `decode_tensor` are the batched tensor-level calls for training and SD work;
+`encode` / `decode` add 8-bit quantization, latent files and exact cropping to any size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import CodecError
+from .images import ImageLike, image_to_tensor, tensor_to_image
+from .latent import Latent
+from .models import Autoencoder
+from .quantize import dequantize, quantize
+from .zoo import resolve_weights
+
+
+class Codec:
+    """A model ready to encode and decode, on one device, in eval mode."""
+
+    def __init__(self, model: Autoencoder, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.name = model.config.name
+        self.weights_hash = model.weights_hash()
+
+    @staticmethod
+    def prepare(image: ImageLike) -> torch.Tensor:
+        """Any accepted image -> (B, 3, H, W) float in [0, 1]."""
+        return image_to_tensor(image)
+
+    @torch.inference_mode()
+    def encode_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1], any H and W -> float latents (B, 4, ceil(H/8), ceil(W/8)).
+
+        Sizes that are not multiples of 8 are padded by repeating the last row and column.
+        """
+        f = self.config.downscale
+        height, width = images.shape[-2:]
+        pad_h, pad_w = -height % f, -width % f
+        images = images.to(self.device, torch.float32)
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+        return self.model.encoder(images)
+
+    @torch.inference_mode()
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Float latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1]."""
+        if latents.dim() != 4 or latents.shape[1] != self.config.latent_channels:
+            raise CodecError(f"expected latents (B, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise CodecError("the latents hold NaN or infinite values")
+        return self.model.decoder(latents.to(self.device, torch.float32))
+
+    def roundtrip_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode, quantize to 8 bits, decode and crop back: what a latent file gives."""
+        height, width = images.shape[-2:]
+        latents = dequantize(*quantize(self.encode_tensor(images)))
+        return self.decode_tensor(latents)[..., :height, :width]
+
+    def encode(self, image: ImageLike) -> Latent | list[Latent]:
+        """An image (path, PIL, uint8 array or tensor) -> a Latent; a batch -> a list of them."""
+        images = self.prepare(image)
+        codes, low, step = quantize(self.encode_tensor(images))
+        latents = [
+            Latent(
+                codes=codes[i].cpu(),
+                low=low[i].cpu(),
+                step=step[i].cpu(),
+                height=images.shape[-2],
+                width=images.shape[-1],
+                model=self.name,
+                weights=self.weights_hash,
+                latent_space=self.config.latent_space,
+            )
+            for i in range(images.shape[0])
+        ]
+        return latents[0] if len(latents) == 1 else latents
+
+    def check(self, latent: Latent) -> None:
+        """Refuse a latent made by other weights: decoding it would give noise, not an error."""
+        if latent.weights != self.weights_hash:
+            raise CodecError(
+                f"this latent was made by model {latent.model!r} (weights {latent.weights}), "
+                f"not by the weights decoding it ({self.name!r}, {self.weights_hash}); "
+                "decode it with the weights that encoded it (--model)"
+            )
+        if latent.codes.shape[0] != self.config.latent_channels:
+            raise CodecError(f"latent has {latent.codes.shape[0]} channels; this model uses {self.config.latent_channels}")
+
+    def decode(self, latent: Latent | str | os.PathLike) -> Image.Image:
+        """A Latent (or latent file) -> PIL image of the original size."""
+        if not isinstance(latent, Latent):
+            latent = Latent.load(latent)
+        self.check(latent)
+        image = self.decode_tensor(latent.dequantize())
+        return tensor_to_image(image[0, :, : latent.height, : latent.width])
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> CUDA, else MPS, else CPU; an unavailable device is a clear error."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise CodecError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise CodecError("device cuda was asked for, but CUDA is not available here")
+    if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CodecError("device mps was asked for, but MPS is not available here")
+    return chosen
+
+
+def load_codec(name_or_path: str | os.PathLike | None = None, device: str | torch.device = "auto") -> Codec:
+    """The codec with shipped weights by name ("native", "sd"), or weights from a path."""
+    path: Path = resolve_weights(name_or_path)
+    chosen = pick_device(device)
+    return Codec(Autoencoder.from_pretrained(path, device=chosen), device=chosen)

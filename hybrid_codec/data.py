@@ -1,0 +1,102 @@
+"""Training data: random crops of every image in a folder, reproducible from (seed, sample index).
+
+Sample i of a run is fully determined by the seed and i, so a resumed run sees exactly the
+crops an uninterrupted run would, whatever the number of loader workers or processes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import CodecError
+from .images import find_images, open_image
+
+MIN_SIDE = 16
+"""Images with a side shorter than this are skipped: they hold no useful 8x8 structure."""
+
+
+def usable_images(folder: str | Path, warn=print) -> list[Path]:
+    """The images below `folder` that open and are large enough; one warning per skipped file."""
+    usable = []
+    for path in find_images(folder):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as image:
+                    image.verify()
+                with Image.open(path) as image:
+                    size = image.size
+        except Exception as exc:  # any unreadable file is skipped, never fatal
+            warn(f"skipping {path}: unreadable ({type(exc).__name__})")
+            continue
+        if min(size) < MIN_SIDE:
+            warn(f"skipping {path}: {size[0]}x{size[1]} is smaller than {MIN_SIDE}x{MIN_SIDE}")
+            continue
+        usable.append(path)
+    if not usable:
+        raise CodecError(f"{folder}: no usable images (png/jpg/webp/bmp/tiff of at least {MIN_SIDE}x{MIN_SIDE})")
+    return usable
+
+
+class RandomCrops(torch.utils.data.Dataset):
+    """Item i: a random crop of one image, randomly rescaled and flipped, as (3, crop, crop) in [0, 1].
+
+    Each worker keeps the images it has decoded, so PNG decoding happens once per worker.
+    `min_scale` < 1 also shows the model downscaled views, like smaller photos of the same scenes.
+    """
+
+    def __init__(self, paths: list[Path], crop: int, seed: int, min_scale: float = 1.0) -> None:
+        self.paths, self.crop, self.seed, self.min_scale = paths, crop, seed, min_scale
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return 2**62  # endless: the sampler decides which indices are drawn
+
+    def _image(self, index: int) -> np.ndarray:
+        if index not in self._cache:
+            self._cache[index] = np.asarray(open_image(self.paths[index]))
+        return self._cache[index]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, i])
+        epoch, position = divmod(i, len(self.paths))
+        order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.paths))
+        image = self._image(int(order[position]))
+        height, width = image.shape[:2]
+        scale = math.exp(rng.uniform(math.log(self.min_scale), 0.0)) if self.min_scale < 1 else 1.0
+        side = min(height, width, max(self.crop, round(self.crop / scale)))
+        top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+        patch = image[top : top + side, left : left + side]
+        if side < self.crop:  # a small image: pad it to the crop size
+            patch = np.pad(patch, ((0, self.crop - side), (0, self.crop - side), (0, 0)), mode="edge")
+        elif side > self.crop:
+            patch = np.asarray(Image.fromarray(patch).resize((self.crop, self.crop), Image.BICUBIC))
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        return torch.from_numpy(patch.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class StepSampler(torch.utils.data.Sampler[int]):
+    """Indices for steps start..stop of a run: this process's share of each global batch.
+
+    Global batch s holds samples s*B*W .. (s+1)*B*W - 1 (B per process, W processes); process r
+    takes its contiguous slice, like DistributedSampler, and a resumed run starts at its step.
+    """
+
+    def __init__(self, start: int, stop: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.start, self.stop, self.batch_size, self.rank, self.world = start, stop, batch_size, rank, world_size
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start, self.stop):
+            first = (step * self.world + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)

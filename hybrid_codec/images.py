@@ -1,0 +1,123 @@
+"""Reading images of any mode into RGB tensors, and tensors back into images."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import CodecError
+
+MAX_PIXELS = 64_000_000
+"""Largest image the codec accepts (64 megapixels): far beyond that, a bomb or a mistake."""
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB, with a one-line error for anything wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise CodecError(f"{path}: no such file")
+    if path.is_dir():
+        raise CodecError(f"{path}: is a folder, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                check_size(*image.size, where=str(path))
+                image.load()
+                return to_rgb(image)
+    except CodecError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CodecError(f"{path}: not an image Pillow can read, or too large") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CodecError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def check_size(width: int, height: int, where: str = "image") -> None:
+    if width < 1 or height < 1:
+        raise CodecError(f"{where}: empty image ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise CodecError(f"{where}: {width}x{height} is too large (at most {MAX_PIXELS:,} pixels)")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: alpha is composited over white, 16-bit is scaled down."""
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grayscale
+        array = np.asarray(image, dtype=np.float64)
+        sixteen_bit = image.mode.startswith("I;16") or array.max() > 255
+        array = array / 257.0 if sixteen_bit else array
+        image = Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_to_tensor(image: ImageLike) -> torch.Tensor:
+    """Path, PIL image, HxW(x3/4) uint8 array or (3, H, W) / (B, 3, H, W) float tensor -> (B, 3, H, W) in [0, 1]."""
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
+    if isinstance(image, Image.Image):
+        check_size(*image.size)
+        image = np.asarray(to_rgb(image))
+    if isinstance(image, np.ndarray):
+        image = array_to_tensor(image)
+    if not isinstance(image, torch.Tensor):
+        raise CodecError(f"cannot encode a {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise CodecError(f"expected a (3, H, W) or (B, 3, H, W) tensor, got {tuple(image.shape)}")
+    check_size(image.shape[3], image.shape[2])
+    if not image.is_floating_point():
+        raise CodecError(f"expected a float tensor in [0, 1], got {image.dtype}")
+    if not torch.isfinite(image).all():
+        raise CodecError("the image tensor holds NaN or infinite values")
+    return image.clamp(0, 1)
+
+
+def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    if array.ndim == 2:
+        array = array[..., None].repeat(3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise CodecError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = array.repeat(3, axis=-1)
+    if array.shape[-1] == 4:
+        image = to_rgb(Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)), "RGBA"))
+        array = np.asarray(image)
+    if array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 65535.0 * 255.0).round()
+    elif array.dtype != np.uint8:
+        raise CodecError(f"expected a uint8 (or uint16) array, got {array.dtype}")
+    check_size(array.shape[1], array.shape[0])
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+
+
+def tensor_to_image(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) or (1, 3, H, W) in [0, 1] -> 8-bit RGB PIL image."""
+    if image.dim() == 4:
+        image = image[0]
+    array = (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array), "RGB")
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Every image file below `folder`, recursively, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CodecError(f"{folder}: no such folder")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())

@@ -1,0 +1,184 @@
+"""The two layers of "Mind Your Own Kernels": HybridDense and DynamicConv.
+
+DynamicConv predicts, for every patch, one kernel per output channel with a small
+HybridDense MLP, and takes the patch . kernel product; an ordinary Conv2d with the same
+geometry ("similar_conv") learns what all patches share. All predictors of a layer run
+as batched matrix products: there is no Python loop over output channels or patches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POWER_RANGE = (0.25, 4.0)
+"""The learned power is clamped to this range so that `(relu + eps) ** power` stays finite."""
+
+
+def hybrid_activation(lin: torch.Tensor, power: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """`copysign(scale * (relu(lin) + eps) ** power, lin)` with NaNs zeroed; power clamped to POWER_RANGE."""
+    power = power.clamp(*POWER_RANGE)
+    if torch.is_grad_enabled() and (lin.requires_grad or power.requires_grad or scale.requires_grad):
+        return _HybridActivation.apply(lin, power, scale, eps)
+    return _finish(_lift(lin, power, eps), lin, scale)
+
+
+def _lift(lin: torch.Tensor, power: torch.Tensor, eps: float) -> torch.Tensor:
+    return lin.clamp_min(0).add_(eps).log_().mul_(power).exp_()  # (relu(lin) + eps) ** power, one new tensor
+
+
+def _finish(lifted: torch.Tensor, lin: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return lifted.mul_(scale).copysign_(lin).nan_to_num_(nan=0.0)  # in place
+
+
+class _HybridActivation(torch.autograd.Function):
+    """The activation with a hand-written backward.
+
+    Autograd's version of pow / copysign / nan_to_num keeps several full-size temporaries
+    and takes about three times as long; this one keeps `lin` and `base ** power` only.
+    """
+
+    @staticmethod
+    def forward(ctx, lin: torch.Tensor, power: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        lifted = _lift(lin, power, eps)
+        ctx.save_for_backward(lin, power, scale, lifted)
+        ctx.eps = eps
+        return _finish(lifted.clone(), lin, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        lin, power, scale, lifted = ctx.saved_tensors
+        base = lin.clamp_min(0).add_(ctx.eps)
+        signed = lifted.copysign(lin)  # y / scale
+        grad_signed = (grad * signed).nan_to_num_(nan=0.0)
+        # copysign keeps only |scale|: y = |scale| * base ** power * sign(lin)
+        grad_scale = grad_signed.sum_to_size(scale.shape) * scale.sign() if ctx.needs_input_grad[2] else None
+        grad_power = None
+        if ctx.needs_input_grad[1]:
+            grad_power = (grad_signed * base.log()).sum_to_size(power.shape) * scale.abs()
+        # d/dlin = |scale| * power * base ** (power - 1) where lin > 0, else 0
+        grad_lin = (grad * lifted).div_(base).mul_(scale.abs() * power).mul_(lin > 0)
+        return grad_lin, grad_power, grad_scale, None
+
+
+class HybridDense(nn.Module):
+    """A dense layer whose activation raises the ReLU'd output to a learned power.
+
+    `groups` independent layers run together: the input is (..., groups, in_features), or
+    (..., 1, in_features) when all groups read the same input, and the output is
+    (..., groups, out_features). With groups=1 a plain (..., in_features) input works too.
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int = 1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.groups, self.eps = in_features, out_features, groups, eps
+        bound = 1 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(groups, out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(groups, out_features).uniform_(-bound, bound))
+        self.power = nn.Parameter(torch.ones(groups, out_features))
+        self.scale = nn.Parameter(torch.ones(groups, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = self.groups == 1 and (x.dim() == 1 or x.shape[-2] != 1)
+        if plain:
+            x = x.unsqueeze(-2)
+        lin = grouped_linear(x, self.weight, self.bias)
+        y = hybrid_activation(lin, self.power, self.scale, self.eps)
+        return y.squeeze(-2) if plain else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`groups` linear maps at once: x (..., G or 1, I), weight (G, O, I) -> (..., G, O)."""
+    groups, out_features, in_features = weight.shape
+    if x.shape[-2] == 1:  # one input shared by every group: a single matrix product
+        y = x.squeeze(-2) @ weight.reshape(groups * out_features, in_features).T
+        y = y.unflatten(-1, (groups, out_features))
+    else:
+        lead = x.shape[:-2]
+        y = torch.bmm(x.reshape(-1, groups, in_features).transpose(0, 1), weight.transpose(1, 2))
+        y = y.transpose(0, 1).reshape(*lead, groups, out_features)
+    return y if bias is None else y + bias
+
+
+class GroupedBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the features of every group: input (..., groups, features)."""
+
+    def __init__(self, features: int, groups: int) -> None:
+        super().__init__(groups * features)
+        self.shape = (groups, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-2]
+        return super().forward(x.reshape(-1, x.shape[-2] * x.shape[-1])).reshape(*lead, *self.shape)
+
+
+class DynamicConv(nn.Module):
+    """A convolution whose kernel is predicted per patch and per output channel.
+
+    Each patch is all input channels of one k x k window, flattened channel-first
+    (`F.unfold` order). For output channel o, a predictor
+    `HybridDense -> BatchNorm -> HybridDense -> BatchNorm -> Linear` maps the patch to a
+    kernel of the patch's size; the output is the mean over the patch of patch * kernel,
+    plus `similar_conv(x)`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | str = 0,
+        hidden: int = 16,
+        kernel_init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if padding == "same":
+            if kernel_size % 2 == 0 or stride != 1:
+                raise ValueError('padding="same" needs an odd kernel_size and stride 1')
+            padding = kernel_size // 2
+        if not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"padding must be a non-negative int or 'same', not {padding!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.hidden = kernel_size, stride, padding, hidden
+        patch = in_channels * kernel_size * kernel_size
+        self.patch_size = patch
+        self.dense1 = HybridDense(patch, hidden, groups=out_channels)
+        self.norm1 = GroupedBatchNorm(hidden, out_channels)
+        self.dense2 = HybridDense(hidden, hidden, groups=out_channels)
+        self.norm2 = GroupedBatchNorm(hidden, out_channels)
+        bound = kernel_init_scale / math.sqrt(hidden)
+        self.kernel_weight = nn.Parameter(torch.empty(out_channels, patch, hidden).uniform_(-bound, bound))
+        self.kernel_bias = nn.Parameter(torch.empty(out_channels, patch).uniform_(-bound, bound))
+        self.similar_conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        out_h, out_w = self.output_size(height, width)
+        patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, P, L)
+        patches = patches.transpose(1, 2).reshape(-1, self.patch_size)  # (N, P), N = B * L
+        hidden = self.norm1(self.dense1(patches.unsqueeze(1)))  # (N, O, H)
+        hidden = self.norm2(self.dense2(hidden))  # (N, O, H)
+        # mean_p patch_p * (W_o hidden_o + b_o)_p, without building the (N, O, P) kernels:
+        # = (hidden_o . (patch W_o) + patch . b_o) / P
+        projected = (patches @ self.kernel_weight.transpose(0, 1).reshape(self.patch_size, -1)).view_as(hidden)
+        dynamic = (hidden * projected).sum(-1) + patches @ self.kernel_bias.T  # (N, O)
+        dynamic = dynamic / self.patch_size
+        dynamic = dynamic.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        return dynamic + self.similar_conv(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, hidden={self.hidden}"
+        )

@@ -1,0 +1,270 @@
+"""Training the codec: `hybrid-codec train`, or `torchrun --nproc_per_node N -m hybrid_codec.train ...`.
+
+The recipe: random multi-scale crops, quantization-aware training (the decoder always sees
+8-bit latents, with a straight-through gradient), AdamW with warm-up and cosine decay,
+gradient clipping, an EMA of the weights (buffers included), validation on a folder with the
+best weights kept, and atomic checkpoints from which a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .codec import Codec, pick_device
+from .data import RandomCrops, StepSampler, usable_images
+from .errors import CodecError
+from .images import open_image
+from .metrics import ms_ssim_loss_value, psnr
+from .models import Autoencoder, CodecConfig
+
+LOSSES = ("mse", "ms-ssim", "mix")
+
+
+@dataclass
+class TrainOptions:
+    data_dir: Path
+    out: Path
+    steps: int = 20_000
+    batch_size: int = 16
+    crop: int = 128
+    lr: float = 2e-3
+    warmup: int = 300
+    loss: str = "mse"
+    ema: float = 0.999  # EMA decay of the weights; 0 turns the EMA off
+    clip: float = 1.0  # gradient-norm clipping; 0 turns it off
+    min_scale: float = 0.5  # crops are shown at scales from min_scale to 1
+    val_dir: Path | None = None
+    val_every: int = 500
+    val_limit: int = 0  # validate on the first N images only (0: all)
+    checkpoint_every: int = 200
+    resume: Path | None = None
+    init_from: Path | None = None
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    model: CodecConfig = dataclasses.field(default_factory=CodecConfig)
+    kernel_init_scale: float = 1.0
+
+    @property
+    def checkpoint(self) -> Path:
+        """Where the run's checkpoint lives: beside --out, named after it."""
+        return self.out.with_name(self.out.name.removesuffix(".safetensors") + ".ckpt")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_json()
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    seconds: float
+    last_loss: float
+    best_val_psnr: float | None
+
+
+Reporter = Callable[[int, int, dict], None]
+"""Called after every step with (step, total_steps, metrics): the CLI draws it."""
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def reconstruction_loss(kind: str, image: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(decoded, image)
+    similarity = 1 - ms_ssim_loss_value(decoded.clamp(0, 1).float(), image.float())
+    if kind == "ms-ssim":
+        return similarity
+    return 0.84 * similarity + 0.16 * F.l1_loss(decoded, image)
+
+
+def validate(model: Autoencoder, paths: list[Path], device: torch.device) -> float:
+    """Mean PSNR over whole validation images, through real 8-bit latents."""
+    codec = Codec(model, device=device)
+    scores = []
+    for path in paths:
+        image = Codec.prepare(open_image(path)).to(device)
+        scores.append(psnr(image, codec.roundtrip_tensor(image)))
+    return sum(scores) / len(scores)
+
+
+class _Distributed:
+    """torchrun's environment: rank, world size, and whether this process writes files."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.main = self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise CodecError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CodecError(f"{path}: not a readable training checkpoint ({type(exc).__name__})") from None
+
+
+def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train encoder and decoder together; writes --out (the best or final EMA weights)."""
+    if opts.loss not in LOSSES:
+        raise CodecError(f"unknown loss {opts.loss!r}; expected one of {LOSSES}")
+    if opts.crop % opts.model.downscale:
+        raise CodecError(f"--crop must be a multiple of {opts.model.downscale}")
+    dist = _Distributed()
+    device = pick_device(opts.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+    dist.init(device)
+    quiet = (lambda message: None) if not dist.main else log
+
+    paths = usable_images(opts.data_dir, warn=quiet)
+    val_paths = usable_images(opts.val_dir, warn=quiet) if opts.val_dir else []
+    if opts.val_limit:
+        val_paths = val_paths[: opts.val_limit]
+
+    torch.manual_seed(opts.seed)
+    model = Autoencoder(opts.model, opts.kernel_init_scale)
+    if opts.init_from:
+        source = Autoencoder.from_pretrained(opts.init_from)
+        if source.config != dataclasses.replace(opts.model, name=source.config.name):
+            raise CodecError(f"{opts.init_from}: its config {source.config} differs from this run's {opts.model}")
+        model.load_state_dict(source.state_dict())
+    model.to(device)
+    ema = None
+    if opts.ema > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(opts.ema), use_buffers=True
+        )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts.warmup, opts.steps))
+    start, best_psnr, elapsed = 0, None, 0.0
+
+    if opts.resume:
+        state = load_checkpoint(opts.resume)
+        if state.get("format") != "hybrid-codec-checkpoint" or CodecConfig.from_json(state["config"]) != opts.model:
+            raise CodecError(f"{opts.resume}: not a checkpoint of this model configuration")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        start, best_psnr, elapsed = state["step"], state["best_val_psnr"], state["seconds"]
+        quiet(f"resumed from {opts.resume} at step {start}")
+
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    crops = RandomCrops(paths, opts.crop, opts.seed, opts.min_scale)
+    loader = torch.utils.data.DataLoader(
+        crops,
+        batch_size=opts.batch_size,
+        sampler=StepSampler(start, opts.steps, opts.batch_size, dist.rank, dist.world),
+        num_workers=opts.workers,
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if opts.workers else None,
+    )
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def export_weights(source: torch.nn.Module, path: Path) -> None:
+        final = Autoencoder(opts.model)
+        final.load_state_dict(source.state_dict())
+        final.save_pretrained(path)
+
+    def current() -> torch.nn.Module:
+        return ema.module if ema is not None else model
+
+    def checkpoint(step: int) -> None:
+        state = {
+            "format": "hybrid-codec-checkpoint",
+            "config": opts.model.to_json(),
+            "options": opts.to_dict(),
+            "step": step,
+            "best_val_psnr": best_psnr,
+            "seconds": elapsed + time.monotonic() - began,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        save_checkpoint(opts.checkpoint, state)
+
+    began = time.monotonic()
+    loss_value, step = math.nan, start
+    model.train()
+    for step, images in enumerate(loader, start=start + 1):
+        images = images.to(device, non_blocking=True)
+        with amp:
+            decoded = net(images)
+            loss = reconstruction_loss(opts.loss, images, decoded.float())
+        if not torch.isfinite(loss):
+            raise CodecError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if opts.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        loss_value = loss.item()
+        metrics = {"loss": loss_value, "psnr": psnr(images, decoded.detach().float()), "lr": scheduler.get_last_lr()[0]}
+        if val_paths and (step % opts.val_every == 0 or step == opts.steps):
+            if dist.main:
+                metrics["val_psnr"] = validate(current(), val_paths, device)
+                if best_psnr is None or metrics["val_psnr"] > best_psnr:
+                    best_psnr = metrics["val_psnr"]
+                    export_weights(current(), opts.out)
+                current().train()
+                model.train()
+            dist.barrier()
+        if dist.main and (step % opts.checkpoint_every == 0 or step == opts.steps):
+            checkpoint(step)
+        if dist.main and report:
+            report(step, opts.steps, metrics)
+    if dist.main and not val_paths:
+        export_weights(current(), opts.out)
+    dist.barrier()
+    return TrainResult(opts.out, step, elapsed + time.monotonic() - began, loss_value, best_psnr)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m hybrid_codec.train DATA_DIR --out ...
+    from .cli import app
+
+    app(["train", *sys.argv[1:]])
