@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,11 +23,11 @@ stdout = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 ModelOption = Annotated[
-    Optional[str], typer.Option("--model", "-m", help="Shipped model name (native, sd) or a weights file.")
+    str | None, typer.Option("--model", "-m", help="Shipped model name (native, sd) or a weights file.")
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
-OutOption = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (one input) or folder.")]
+OutOption = Annotated[Path | None, typer.Option("--output", "-o", help="Output file (one input) or folder.")]
 
 
 @app.callback()
@@ -61,6 +61,126 @@ def reports_errors(command):
 
 @app.command()
 @reports_errors
+def encode(
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    output: OutOption = None,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    force: ForceOption = False,
+) -> None:
+    """Encode images to latent files (<stem>.latent.pt beside each input, or into -o)."""
+    from .codec import load_codec
+    from .files import LATENT_SUFFIX, bits_per_pixel, encode_file, expand_inputs, human_bytes, output_paths
+
+    sources = expand_inputs(inputs)
+    targets = output_paths(sources, output, LATENT_SUFFIX, force)
+    codec = load_codec(model, device)
+
+    def one(source: Path, target: Path) -> str:
+        latent, size = encode_file(codec, source, target)
+        bpp = bits_per_pixel(size, latent.height, latent.width)
+        return f"{source} -> {target} ({human_bytes(size)}, {bpp:.3f} bpp)"
+
+    run_each(sources, targets, one, "encoding")
+
+
+@app.command()
+@reports_errors
+def decode(
+    inputs: Annotated[list[Path], typer.Argument(help="Latent files or folders of them.")],
+    output: OutOption = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Weights to decode with (default: the file's own model).")
+    ] = None,
+    device: DeviceOption = "auto",
+    force: ForceOption = False,
+) -> None:
+    """Decode latent files to PNG (<stem>.decoded.png beside each input, or into -o)."""
+    from .files import DECODED_SUFFIX, LATENT_SUFFIX, Codecs, decode_file, expand_inputs, output_paths
+
+    sources = expand_inputs(inputs, pattern=LATENT_SUFFIX)
+    targets = output_paths(sources, output, DECODED_SUFFIX, force)
+    codecs = Codecs(model, device)
+
+    def one(source: Path, target: Path) -> str:
+        image = decode_file(codecs, source, target)
+        return f"{source} -> {target} ({image.width}x{image.height})"
+
+    run_each(sources, targets, one, "decoding")
+
+
+def run_each(sources: list[Path], targets: list[Path], job, description: str) -> None:
+    """Run `job` on each pair; a progress bar for several; one error line per failure, exit 1 if any."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .errors import CodecError
+
+    failures = 0
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=len(sources) < 2,
+    )
+    with progress:
+        task = progress.add_task(description, total=len(sources))
+        for source, target in zip(sources, targets, strict=False):
+            try:
+                stdout.print(job(source, target), soft_wrap=True)
+            except CodecError as exc:
+                failures += 1
+                err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            progress.advance(task)
+    if failures:
+        if len(sources) > 1:
+            err.print(f"[bold red]error:[/] {failures} of {len(sources)} files failed", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="A latent file (.latent.pt) or weights file (.safetensors).")],
+) -> None:
+    """Show what a latent file or a weights file holds."""
+    from .files import describe
+
+    for label, value in describe(path).items():
+        stdout.print(f"[bold]{label:>15}[/]  {value}", soft_wrap=True)
+
+
+@app.command()
+@reports_errors
+def roundtrip(
+    image: Annotated[Path, typer.Argument(help="An image to encode and decode in memory.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Side-by-side comparison PNG to write.")] = None,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    force: ForceOption = False,
+) -> None:
+    """Encode and decode IMAGE in memory: PSNR, MS-SSIM, bits per pixel, timings, comparison PNG."""
+    from .codec import load_codec
+    from .files import comparison, human_bytes, output_paths, save_image_atomic
+    from .files import roundtrip as run_roundtrip
+
+    target = output_paths([image], output, ".comparison.png", force)[0] if output else None
+    result = run_roundtrip(load_codec(model, device), image)
+    stdout.print(
+        f"{image}: PSNR {result.psnr:.2f} dB  MS-SSIM {result.ms_ssim:.4f}  "
+        f"{result.bpp:.3f} bpp ({human_bytes(result.latent_bytes)})  "
+        f"encode {result.encode_ms:.1f} ms  decode {result.decode_ms:.1f} ms",
+        soft_wrap=True,
+    )
+    if target:
+        caption = f"{result.psnr:.2f} dB, {result.bpp:.3f} bpp"
+        save_image_atomic(comparison(result.original, result.decoded, caption), target)
+        stdout.print(f"wrote {target}", soft_wrap=True)
+
+
+@app.command()
+@reports_errors
 def train(
     data_dir: Annotated[Path, typer.Argument(help="Folder of training images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", help="Weights file to write (.safetensors).")],
@@ -73,12 +193,12 @@ def train(
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
     min_scale: Annotated[float, typer.Option(help="Crops are shown at random scales in [min_scale, 1].")] = 0.5,
-    val_dir: Annotated[Optional[Path], typer.Option(help="Folder of validation images.")] = None,
+    val_dir: Annotated[Path | None, typer.Option(help="Folder of validation images.")] = None,
     val_every: int = 500,
     val_limit: Annotated[int, typer.Option(help="Validate on the first N images (0: all).")] = 0,
     checkpoint_every: int = 200,
-    resume: Annotated[Optional[Path], typer.Option(help="Checkpoint to resume from.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="Weights to fine-tune from.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume from.")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Weights to fine-tune from.")] = None,
     device: DeviceOption = "auto",
     seed: int = 0,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
@@ -97,10 +217,28 @@ def train(
         name=name, encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden, decoder_kernel=decoder_kernel
     )
     opts = TrainOptions(
-        data_dir=data_dir, out=out, steps=steps, batch_size=batch_size, crop=crop, lr=lr, warmup=warmup,
-        loss=loss, ema=ema, clip=clip, min_scale=min_scale, val_dir=val_dir, val_every=val_every,
-        val_limit=val_limit, checkpoint_every=checkpoint_every, resume=resume, init_from=init_from,
-        device=device, seed=seed, workers=workers, model=config, kernel_init_scale=kernel_init_scale,
+        data_dir=data_dir,
+        out=out,
+        steps=steps,
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        warmup=warmup,
+        loss=loss,
+        ema=ema,
+        clip=clip,
+        min_scale=min_scale,
+        val_dir=val_dir,
+        val_every=val_every,
+        val_limit=val_limit,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        init_from=init_from,
+        device=device,
+        seed=seed,
+        workers=workers,
+        model=config,
+        kernel_init_scale=kernel_init_scale,
     )
     with step_progress("training") as report:
         result = run_training(opts, report=report, log=lambda m: err.print(f"[yellow]{m}[/]", soft_wrap=True))
@@ -118,8 +256,13 @@ def step_progress(description: str):
     def manager():
         last_val: dict[str, float] = {}
         progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[metrics]}"), console=err, refresh_per_second=2,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=err,
+            refresh_per_second=2,
         )
         task = progress.add_task(description, total=None, metrics="")
         interactive = err.is_terminal

@@ -93,7 +93,9 @@ class Codec:
                 "decode it with the weights that encoded it (--model)"
             )
         if latent.codes.shape[0] != self.config.latent_channels:
-            raise CodecError(f"latent has {latent.codes.shape[0]} channels; this model uses {self.config.latent_channels}")
+            raise CodecError(
+                f"latent has {latent.codes.shape[0]} channels; this model uses {self.config.latent_channels}"
+            )
 
     def decode(self, latent: Latent | str | os.PathLike) -> Image.Image:
         """A Latent (or latent file) -> PIL image of the original size."""
@@ -105,7 +107,7 @@ class Codec:
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA, else MPS, else CPU; an unavailable device is a clear error."""
+    """ "auto" -> CUDA, else MPS, else CPU; an unavailable device is a clear error."""
     if str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

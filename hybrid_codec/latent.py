@@ -113,8 +113,18 @@ class Latent:
     def from_bytes(cls, data: bytes, where: str = "latent") -> Latent:
         try:
             fields = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError,
-                KeyError, TypeError, AttributeError, IndexError) as exc:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            RuntimeError,
+            ValueError,
+            zipfile.BadZipFile,
+            OSError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            IndexError,
+        ) as exc:
             kind = "truncated or corrupt" if isinstance(exc, (EOFError, zipfile.BadZipFile)) else "not readable"
             raise CodecError(f"{where}: not a hybrid-codec latent file ({kind})") from None
         try:
@@ -148,8 +158,18 @@ class Latent:
             return value
 
         model, weights, space = field("model", str), field("weights", str), field("latent_space", str)
-        height, width, bits, coding = field("height", int), field("width", int), field("bits", int), field("coding", str)
-        shape, low, step, payload = field("shape", list), field("low", list), field("step", list), field("payload", bytes)
+        height, width, bits, coding = (
+            field("height", int),
+            field("width", int),
+            field("bits", int),
+            field("coding", str),
+        )
+        shape, low, step, payload = (
+            field("shape", list),
+            field("low", list),
+            field("step", list),
+            field("payload", bytes),
+        )
         if space not in LATENT_SPACES:
             raise CodecError(f"unknown latent space {space!r}")
         if coding not in CODINGS or bits != 8:

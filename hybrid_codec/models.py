@@ -63,8 +63,9 @@ class Encoder(nn.Module):
     def __init__(self, config: CodecConfig, kernel_init_scale: float = 1.0) -> None:
         super().__init__()
         f = config.downscale
-        self.conv = DynamicConv(3, config.latent_channels, f, stride=f, hidden=config.encoder_hidden,
-                                kernel_init_scale=kernel_init_scale)
+        self.conv = DynamicConv(
+            3, config.latent_channels, f, stride=f, hidden=config.encoder_hidden, kernel_init_scale=kernel_init_scale
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.conv(image)
@@ -76,8 +77,14 @@ class Decoder(nn.Module):
     def __init__(self, config: CodecConfig, kernel_init_scale: float = 1.0) -> None:
         super().__init__()
         f = config.downscale
-        self.conv = DynamicConv(config.latent_channels, 3 * f * f, config.decoder_kernel, padding="same",
-                                hidden=config.decoder_hidden, kernel_init_scale=kernel_init_scale)
+        self.conv = DynamicConv(
+            config.latent_channels,
+            3 * f * f,
+            config.decoder_kernel,
+            padding="same",
+            hidden=config.decoder_hidden,
+            kernel_init_scale=kernel_init_scale,
+        )
         nn.init.constant_(self.conv.similar_conv.bias, 0.5)  # start at mid-grey, not at a random offset
         self.shuffle = nn.PixelShuffle(f)
 

@@ -188,7 +188,9 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
 
     net = model
     if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     crops = RandomCrops(paths, opts.crop, opts.seed, opts.min_scale)
     loader = torch.utils.data.DataLoader(
         crops,
