@@ -25,7 +25,20 @@ err = Console(stderr=True, highlight=False)
 ModelOption = Annotated[
     str | None, typer.Option("--model", "-m", help="Shipped model name (native, sd) or a weights file.")
 ]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+
+
+def _device_name(value: str) -> str:
+    """Refuse an unknown --device while parsing, as one line (an xpu or meta device gave a traceback)."""
+    from .errors import CodecError
+    from .runtime import check_device
+
+    try:
+        return check_device(value)
+    except CodecError as exc:
+        fail(str(exc))
+
+
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_device_name)]
 ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
 OutOption = Annotated[Path | None, typer.Option("--output", "-o", help="Output file (one input) or folder.")]
 
@@ -207,6 +220,9 @@ def train(
     decoder_hidden: int = 16,
     decoder_kernel: int = 3,
     kernel_init_scale: float = 1.0,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Start afresh over an existing --out/checkpoint.")
+    ] = False,
 ) -> None:
     """Train encoder and decoder together on random crops of every image in DATA_DIR."""
     from .models import CodecConfig
@@ -239,11 +255,78 @@ def train(
         workers=workers,
         model=config,
         kernel_init_scale=kernel_init_scale,
+        force=force,
     )
     with step_progress("training") as report:
         result = run_training(opts, report=report, log=lambda m: err.print(f"[yellow]{m}[/]", soft_wrap=True))
     best = f", best validation PSNR {result.best_val_psnr:.2f} dB" if result.best_val_psnr is not None else ""
     stdout.print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min{best}: wrote {result.out}")
+
+
+@app.command()
+@reports_errors
+def distill(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of training images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Weights file to write (.safetensors).")],
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="diffusers AutoencoderKL: Hub id, local folder or .safetensors file [sd-vae-ft-mse]."),
+    ] = None,
+    teacher_latents: Annotated[
+        Path | None, typer.Option(help="Folder of precomputed targets <image>_y<Y>_x<X>.npy instead of a teacher.")
+    ] = None,
+    steps: int = 4000,
+    batch_size: int = 8,
+    crop: Annotated[int, typer.Option(help="Side of the random 8-aligned training crops.")] = 128,
+    lr: float = 2e-3,
+    warmup: int = 200,
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
+    image_weight: Annotated[float, typer.Option(help="Weight of the decoder's MSE beside the latent error.")] = 1.0,
+    val_dir: Annotated[Path | None, typer.Option(help="Folder of validation images.")] = None,
+    holdout: Annotated[int, typer.Option(help="Validate on the last N images of DATA_DIR instead of training.")] = 0,
+    val_every: int = 250,
+    checkpoint_every: int = 100,
+    max_minutes: Annotated[float, typer.Option(help="Stop after N minutes; --resume goes on (0: no limit).")] = 0.0,
+    resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume from.")] = None,
+    device: DeviceOption = "auto",
+    seed: int = 0,
+    encoder_hidden: int = 12,
+    decoder_hidden: int = 16,
+) -> None:
+    """Distill the SD-space `sd` model: its encoder learns the SD VAE's latents, its decoder decodes them."""
+    from .distill import DistillOptions, relative_error_report, sd_config
+    from .distill import distill as run_distill
+
+    opts = DistillOptions(
+        data_dir=data_dir,
+        out=out,
+        teacher=teacher,
+        teacher_latents=teacher_latents,
+        steps=steps,
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        warmup=warmup,
+        ema=ema,
+        image_weight=image_weight,
+        val_dir=val_dir,
+        holdout=holdout,
+        val_every=val_every,
+        checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
+        resume=resume,
+        device=device,
+        seed=seed,
+        model=sd_config(encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden),
+    )
+    with step_progress("distilling") as report:
+        result = run_distill(opts, report=report, log=lambda m: err.print(f"[yellow]{m}[/]", soft_wrap=True))
+    state = "" if result.finished else " (stopped early: --resume goes on)"
+    stdout.print(
+        f"distilled {result.steps} steps in {result.seconds / 60:.1f} min{state}, "
+        f"{relative_error_report(result.val)}: wrote {result.out}",
+        soft_wrap=True,
+    )
 
 
 def step_progress(description: str):

@@ -66,7 +66,11 @@ class Codec:
         return self.decode_tensor(latents)[..., :height, :width]
 
     def encode(self, image: ImageLike) -> Latent | list[Latent]:
-        """An image (path, PIL, uint8 array or tensor) -> a Latent; a batch -> a list of them."""
+        """An image (path, PIL, uint8 array or tensor) -> a Latent; a batch -> a list of them.
+
+        A (B, 3, H, W) tensor is a batch, and gives a list even when B is 1.
+        """
+        batched = isinstance(image, torch.Tensor) and image.dim() == 4
         images = self.prepare(image)
         codes, low, step = quantize(self.encode_tensor(images))
         latents = [
@@ -82,7 +86,7 @@ class Codec:
             )
             for i in range(images.shape[0])
         ]
-        return latents[0] if len(latents) == 1 else latents
+        return latents if batched else latents[0]
 
     def check(self, latent: Latent) -> None:
         """Refuse a latent made by other weights: decoding it would give noise, not an error."""

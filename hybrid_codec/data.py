@@ -7,8 +7,10 @@ crops an uninterrupted run would, whatever the number of loader workers or proce
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,33 +18,47 @@ import torch
 from PIL import Image
 
 from .errors import CodecError
-from .images import find_images, open_image
+from .images import MAX_PIXELS, find_images, open_image
 
 MIN_SIDE = 16
 """Images with a side shorter than this are skipped: they hold no useful 8x8 structure."""
 
 
 def usable_images(folder: str | Path, warn=print) -> list[Path]:
-    """The images below `folder` that open and are large enough; one warning per skipped file."""
+    """The images below `folder` that decode fully and are large enough; one warning per skipped file.
+
+    Every image is decoded once here (in threads: Pillow releases the GIL), because only a full
+    decode finds a truncated JPEG, BMP or TIFF, and a bad file must be skipped now, not crash a
+    loader worker hours into a run.
+    """
+    paths = find_images(folder)
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        warnings.simplefilter("ignore")  # Pillow's EXIF/ICC chatter; the threads share this filter
+        problems = list(pool.map(_problem, paths))
     usable = []
-    for path in find_images(folder):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(path) as image:
-                    image.verify()
-                with Image.open(path) as image:
-                    size = image.size
-        except Exception as exc:  # any unreadable file is skipped, never fatal
-            warn(f"skipping {path}: unreadable ({type(exc).__name__})")
-            continue
-        if min(size) < MIN_SIDE:
-            warn(f"skipping {path}: {size[0]}x{size[1]} is smaller than {MIN_SIDE}x{MIN_SIDE}")
-            continue
-        usable.append(path)
+    for path, problem in zip(paths, problems, strict=True):
+        if problem:
+            warn(f"skipping {path}: {problem}")
+        else:
+            usable.append(path)
     if not usable:
         raise CodecError(f"{folder}: no usable images (png/jpg/webp/bmp/tiff of at least {MIN_SIDE}x{MIN_SIDE})")
     return usable
+
+
+def _problem(path: Path) -> str | None:
+    """Why an image file cannot be trained on, or None."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if min(width, height) < MIN_SIDE:
+                return f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE}"
+            if width * height > MAX_PIXELS:
+                return f"{width}x{height} is larger than {MAX_PIXELS:,} pixels"
+            image.load()
+    except Exception as exc:  # any unreadable file is skipped, never fatal
+        return f"unreadable ({type(exc).__name__})"
+    return None
 
 
 class RandomCrops(torch.utils.data.Dataset):

@@ -95,7 +95,14 @@ class Codecs:
     """Loads each model once; a latent file's own model is the default for decoding it."""
 
     def __init__(self, model: str | None, device: str) -> None:
-        self.model, self.device = model, device
+        from .codec import pick_device
+        from .zoo import resolve_weights
+
+        # a bad --device or --model is one error before any file, not the same error once per file
+        self.device = pick_device(device)
+        if model is not None:
+            resolve_weights(model)
+        self.model = model
         self._loaded: dict[str, Codec] = {}
 
     def get(self, name: str | None = None) -> Codec:

@@ -63,7 +63,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def image_to_tensor(image: ImageLike) -> torch.Tensor:
@@ -90,6 +90,14 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
 
 
 def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    # dtype and size first: the RGBA path below goes through uint8, which would hide a float or 16-bit array
+    if array.ndim < 2:
+        raise CodecError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
+    check_size(array.shape[1], array.shape[0])
+    if array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 65535.0 * 255.0).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise CodecError(f"expected a uint8 (or uint16) array, got {array.dtype}")
     if array.ndim == 2:
         array = array[..., None].repeat(3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
@@ -97,14 +105,9 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
     if array.shape[-1] == 1:
         array = array.repeat(3, axis=-1)
     if array.shape[-1] == 4:
-        image = to_rgb(Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)), "RGBA"))
-        array = np.asarray(image)
-    if array.dtype == np.uint16:
-        array = (array.astype(np.float32) / 65535.0 * 255.0).round()
-    elif array.dtype != np.uint8:
-        raise CodecError(f"expected a uint8 (or uint16) array, got {array.dtype}")
-    check_size(array.shape[1], array.shape[0])
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+        array = np.asarray(to_rgb(Image.fromarray(np.ascontiguousarray(array), "RGBA")))
+    array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
 def tensor_to_image(image: torch.Tensor) -> Image.Image:

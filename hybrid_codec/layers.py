@@ -162,20 +162,44 @@ class DynamicConv(nn.Module):
         k, s, p = self.kernel_size, self.stride, self.padding
         return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
 
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B * L, C * k * k): every window, channel-first, in `F.unfold` order."""
+        k = self.kernel_size
+        if k == self.stride and self.padding == 0:  # non-overlapping windows: a reshape, no im2col
+            batch, channels, height, width = x.shape
+            out_h, out_w = height // k, width // k
+            x = x[:, :, : out_h * k, : out_w * k].reshape(batch, channels, out_h, k, out_w, k)
+            return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, self.patch_size)
+        patches = F.unfold(x, k, padding=self.padding, stride=self.stride)  # (B, P, L)
+        return patches.transpose(1, 2).reshape(-1, self.patch_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
         out_h, out_w = self.output_size(height, width)
-        patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, P, L)
-        patches = patches.transpose(1, 2).reshape(-1, self.patch_size)  # (N, P), N = B * L
-        hidden = self.norm1(self.dense1(patches.unsqueeze(1)))  # (N, O, H)
+        patches = self.patches(x)  # (N, P), N = B * L
+        o, h, p = self.out_channels, self.hidden, self.patch_size
+        # Everything linear in the patch comes from one matrix product:
+        #   dense1's pre-activation (O*H), patch . W_o for the kernel projection (O*H),
+        #   patch . b_o for the kernel bias (O), and similar_conv itself (O).
+        # mean_p patch_p * (W_o hidden_o + b_o)_p = (hidden_o . (patch W_o) + patch . b_o) / P,
+        # so the (N, O, P) predicted kernels are never built.
+        weight = torch.cat(
+            [
+                self.dense1.weight.reshape(o * h, p),
+                self.kernel_weight.transpose(1, 2).reshape(o * h, p),
+                self.kernel_bias,
+                self.similar_conv.weight.reshape(o, p),
+            ]
+        )
+        bias = torch.cat([self.dense1.bias.reshape(-1), weight.new_zeros(o * h + o), self.similar_conv.bias])
+        linear = torch.addmm(bias, patches, weight.T)
+        lin1, projected = linear[:, : o * h].view(-1, o, h), linear[:, o * h : 2 * o * h].view(-1, o, h)
+        kernel_bias_part, similar = linear[:, 2 * o * h : 2 * o * h + o], linear[:, 2 * o * h + o :]
+        d1 = self.dense1
+        hidden = self.norm1(hybrid_activation(lin1, d1.power, d1.scale, d1.eps))  # (N, O, H)
         hidden = self.norm2(self.dense2(hidden))  # (N, O, H)
-        # mean_p patch_p * (W_o hidden_o + b_o)_p, without building the (N, O, P) kernels:
-        # = (hidden_o . (patch W_o) + patch . b_o) / P
-        projected = (patches @ self.kernel_weight.transpose(0, 1).reshape(self.patch_size, -1)).view_as(hidden)
-        dynamic = (hidden * projected).sum(-1) + patches @ self.kernel_bias.T  # (N, O)
-        dynamic = dynamic / self.patch_size
-        dynamic = dynamic.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
-        return dynamic + self.similar_conv(x)
+        out = ((hidden * projected).sum(-1) + kernel_bias_part) / p + similar  # (N, O)
+        return out.view(batch, out_h, out_w, o).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return (

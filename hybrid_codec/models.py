@@ -36,6 +36,13 @@ class CodecConfig:
     decoder_kernel: int = 3
 
     def __post_init__(self) -> None:
+        # a config also comes from a weights file's metadata: check types before building anything from it
+        if not isinstance(self.name, str) or not isinstance(self.latent_space, str):
+            raise CodecError(f"model name and latent space must be strings, not {self.name!r}, {self.latent_space!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (type(value) is not int or value < 1):
+                raise CodecError(f"config field {f.name!r} must be a positive integer, not {value!r}")
         if self.latent_space not in LATENT_SPACES:
             raise CodecError(f"unknown latent space {self.latent_space!r}; expected one of {LATENT_SPACES}")
         if self.decoder_kernel % 2 == 0:
@@ -48,6 +55,8 @@ class CodecConfig:
     def from_json(cls, text: str) -> CodecConfig:
         try:
             fields = json.loads(text)
+            if not isinstance(fields, dict):
+                raise CodecError(f"model config must be a JSON object, not {type(fields).__name__}")
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = set(fields) - known
             if unknown:

@@ -24,3 +24,17 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
     except (OSError, AttributeError):
         return False
+
+
+def check_device(name: str) -> str:
+    """Refuse a device name the codec does not run on (xpu, meta, ...) before any model is built.
+
+    Whether the device is actually present is checked when it is picked (`codec.pick_device`).
+    """
+    import re
+
+    from .errors import CodecError
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise CodecError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return name

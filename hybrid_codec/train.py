@@ -28,6 +28,8 @@ from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
 
 LOSSES = ("mse", "ms-ssim", "mix")
+REPRODUCIBLE = ("steps", "batch_size", "crop", "lr", "warmup", "loss", "ema", "clip", "min_scale", "seed")
+"""Options that must not change across --resume for the run to end as the uninterrupted one would."""
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainOptions:
     workers: int = 2
     model: CodecConfig = dataclasses.field(default_factory=CodecConfig)
     kernel_init_scale: float = 1.0
+    force: bool = False  # start afresh over an existing --out or checkpoint
 
     @property
     def checkpoint(self) -> Path:
@@ -123,11 +126,54 @@ class _Distributed:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def check_options(opts: TrainOptions) -> None:
+    """Refuse settings that cannot work, with the option's name, before anything starts."""
+    from .runtime import check_device
+
+    if opts.loss not in LOSSES:
+        raise CodecError(f"unknown loss {opts.loss!r}; expected one of {LOSSES}")
+    f = opts.model.downscale
+    if opts.crop < f or opts.crop % f:
+        raise CodecError(f"--crop must be a positive multiple of {f}, not {opts.crop}")
+    positive = {"steps": opts.steps, "batch-size": opts.batch_size, "val-every": opts.val_every}
+    positive["checkpoint-every"] = opts.checkpoint_every
+    for name, value in positive.items():
+        if value < 1:
+            raise CodecError(f"--{name} must be at least 1, not {value}")
+    for name, value in {"warmup": opts.warmup, "workers": opts.workers, "val-limit": opts.val_limit}.items():
+        if value < 0:
+            raise CodecError(f"--{name} must not be negative, not {value}")
+    if not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise CodecError(f"--lr must be a positive number, not {opts.lr}")
+    if not 0 <= opts.ema < 1:
+        raise CodecError(f"--ema must be in [0, 1), not {opts.ema}")
+    if not (math.isfinite(opts.clip) and opts.clip >= 0):
+        raise CodecError(f"--clip must be 0 (off) or positive, not {opts.clip}")
+    if not 0 < opts.min_scale <= 1:
+        raise CodecError(f"--min-scale must be in (0, 1], not {opts.min_scale}")
+    check_device(str(opts.device))
+    if opts.resume is None and not opts.force:
+        for existing in (opts.out, opts.checkpoint):
+            if existing.exists():
+                raise CodecError(
+                    f"{existing} exists; --resume {opts.checkpoint} to continue that run, or --force to start afresh"
+                )
+
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a run killed at any moment leaves the previous checkpoint or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise CodecError(f"{path}: cannot write the checkpoint ({exc})") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -141,10 +187,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> TrainResult:
     """Train encoder and decoder together; writes --out (the best or final EMA weights)."""
-    if opts.loss not in LOSSES:
-        raise CodecError(f"unknown loss {opts.loss!r}; expected one of {LOSSES}")
-    if opts.crop % opts.model.downscale:
-        raise CodecError(f"--crop must be a multiple of {opts.model.downscale}")
+    check_options(opts)
     dist = _Distributed()
     device = pick_device(opts.device)
     if device.type == "cuda" and dist.world > 1:
@@ -152,6 +195,11 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
     dist.init(device)
     quiet = (lambda message: None) if not dist.main else log
 
+    if dist.main and not opts.out.parent.is_dir():
+        try:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CodecError(f"{opts.out.parent}: cannot create folder ({exc.strerror or exc})") from None
     paths = usable_images(opts.data_dir, warn=quiet)
     val_paths = usable_images(opts.val_dir, warn=quiet) if opts.val_dir else []
     if opts.val_limit:
@@ -185,6 +233,13 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
             ema.load_state_dict(state["ema"])
         start, best_psnr, elapsed = state["step"], state["best_val_psnr"], state["seconds"]
         quiet(f"resumed from {opts.resume} at step {start}")
+        changed = [
+            f"{key} {before!r} -> {now!r}"
+            for key, now in opts.to_dict().items()
+            if key in REPRODUCIBLE and (before := state.get("options", {}).get(key, now)) != now
+        ]
+        if changed:
+            quiet(f"resuming with changed options ({', '.join(changed)}): not the run the checkpoint began")
 
     net = model
     if dist.world > 1:
@@ -263,6 +318,7 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
     if dist.main and not val_paths:
         export_weights(current(), opts.out)
     dist.barrier()
+    dist.close()
     return TrainResult(opts.out, step, elapsed + time.monotonic() - began, loss_value, best_psnr)
 
 

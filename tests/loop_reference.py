@@ -16,14 +16,14 @@ from hybrid_codec.layers import DynamicConv, HybridDense
 
 
 def _dense(source: HybridDense, channel: int) -> HybridDense:
-    dense = HybridDense(source.in_features, source.out_features, eps=source.eps)
+    dense = HybridDense(source.in_features, source.out_features, eps=source.eps).to(source.weight.dtype)
     for name in ("weight", "bias", "power", "scale"):
         getattr(dense, name).data.copy_(getattr(source, name).data[channel : channel + 1])
     return dense
 
 
 def _norm(source: nn.BatchNorm1d, channel: int, features: int) -> nn.BatchNorm1d:
-    norm = nn.BatchNorm1d(features, eps=source.eps, momentum=source.momentum)
+    norm = nn.BatchNorm1d(features, eps=source.eps, momentum=source.momentum, dtype=source.weight.dtype)
     part = slice(channel * features, (channel + 1) * features)
     for name in ("weight", "bias", "running_mean", "running_var"):
         getattr(norm, name).data.copy_(getattr(source, name).data[part])
@@ -35,7 +35,9 @@ def predictors(layer: DynamicConv) -> list[nn.Sequential]:
     """One ordinary MLP per output channel, holding that channel's weights."""
     mlps = []
     for o in range(layer.out_channels):
-        kernel = nn.Linear(layer.hidden, layer.patch_size)
+        # every module is built in the layer's dtype before the copy: copying float64 weights into a
+        # float32 module first would round them, and the float64 comparison would only hold to 1e-6 relative
+        kernel = nn.Linear(layer.hidden, layer.patch_size, dtype=layer.kernel_weight.dtype)
         kernel.weight.data.copy_(layer.kernel_weight.data[o])
         kernel.bias.data.copy_(layer.kernel_bias.data[o])
         mlps.append(
