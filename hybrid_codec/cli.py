@@ -105,19 +105,42 @@ def decode(
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Weights to decode with (default: the file's own model).")
     ] = None,
+    decoder: Annotated[
+        str, typer.Option(help="hybrid (the model's own decoder), sd (the SD VAE) or taesd, for SD-space latents.")
+    ] = "hybrid",
+    vae: Annotated[
+        str | None, typer.Option(help="SD VAE / TAESD to use: Hub id, local folder or (sd) a .safetensors file.")
+    ] = None,
     device: DeviceOption = "auto",
     force: ForceOption = False,
 ) -> None:
     """Decode latent files to PNG (<stem>.decoded.png beside each input, or into -o)."""
     from .files import DECODED_SUFFIX, LATENT_SUFFIX, Codecs, decode_file, expand_inputs, output_paths
 
+    if decoder not in ("hybrid", "sd", "taesd"):
+        fail(f"unknown --decoder {decoder!r}; expected hybrid, sd or taesd")
+    if decoder == "hybrid" and vae is not None:
+        fail("--vae goes with --decoder sd or --decoder taesd")
+    if decoder != "hybrid" and model is not None:
+        fail(f"--model picks the hybrid decoder's weights; --decoder {decoder} uses --vae")
     sources = expand_inputs(inputs, pattern=LATENT_SUFFIX)
     targets = output_paths(sources, output, DECODED_SUFFIX, force)
-    codecs = Codecs(model, device)
+    if decoder == "hybrid":
+        codecs = Codecs(model, device)
 
-    def one(source: Path, target: Path) -> str:
-        image = decode_file(codecs, source, target)
-        return f"{source} -> {target} ({image.width}x{image.height})"
+        def one(source: Path, target: Path) -> str:
+            image = decode_file(codecs, source, target)
+            return f"{source} -> {target} ({image.width}x{image.height})"
+    else:
+        from .files import save_image_atomic
+        from .sd import LatentFileDecoder
+
+        sd_decoder = LatentFileDecoder(decoder, vae, device)
+
+        def one(source: Path, target: Path) -> str:
+            image = sd_decoder.decode(source)
+            save_image_atomic(image, target)
+            return f"{source} -> {target} ({image.width}x{image.height}, {decoder} decoder)"
 
     run_each(sources, targets, one, "decoding")
 
@@ -260,7 +283,9 @@ def train(
     with step_progress("training") as report:
         result = run_training(opts, report=report, log=lambda m: err.print(f"[yellow]{m}[/]", soft_wrap=True))
     best = f", best validation PSNR {result.best_val_psnr:.2f} dB" if result.best_val_psnr is not None else ""
-    stdout.print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min{best}: wrote {result.out}")
+    stdout.print(
+        f"trained {result.steps} steps in {result.seconds / 60:.1f} min{best}: wrote {result.out}", soft_wrap=True
+    )
 
 
 @app.command()
@@ -278,6 +303,9 @@ def distill(
     steps: int = 4000,
     batch_size: int = 8,
     crop: Annotated[int, typer.Option(help="Side of the random 8-aligned training crops.")] = 128,
+    decoder_crop: Annotated[
+        int, typer.Option(help="The decoder trains on a window this big of each crop (0: all).")
+    ] = 0,
     lr: float = 2e-3,
     warmup: int = 200,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
@@ -305,6 +333,7 @@ def distill(
         steps=steps,
         batch_size=batch_size,
         crop=crop,
+        decoder_crop=decoder_crop,
         lr=lr,
         warmup=warmup,
         ema=ema,
@@ -327,6 +356,49 @@ def distill(
         f"{relative_error_report(result.val)}: wrote {result.out}",
         soft_wrap=True,
     )
+
+
+@app.command("sd-latents")
+@reports_errors
+def sd_latents(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="A .safetensors file, or a folder for one .npy per image.")],
+    scaled: Annotated[
+        bool, typer.Option("--scaled/--raw", help="Scaled by 0.18215 (the UNet's space), or raw VAE latents.")
+    ] = True,
+    batch_size: int = 8,
+    model: Annotated[str, typer.Option("--model", "-m", help="SD-space model: sd, or a weights file.")] = "sd",
+    device: DeviceOption = "auto",
+    force: Annotated[bool, typer.Option("--force", "-f", help="Start over instead of resuming.")] = False,
+) -> None:
+    """Precompute SD latents for every image in FOLDER (resumable: a second run skips what is done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .sd_dataset import write_sd_latents
+
+    progress = Progress(
+        TextColumn("[bold]sd-latents"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err
+    )
+    tasks = []
+
+    def update(done: int, total: int) -> None:  # the bar appears once the inputs and settings are checked
+        if not tasks:
+            progress.start()
+            tasks.append(progress.add_task("sd-latents", total=total))
+        progress.update(tasks[0], completed=done, total=total)
+
+    try:
+        job = write_sd_latents(
+            folder, out, scaled=scaled, batch_size=batch_size, device=device, model=model, force=force, progress=update
+        )
+    finally:
+        progress.stop()
+    for _source, message in job.failed:
+        err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    skipped = f", {job.skipped} already there" if job.skipped else ""
+    stdout.print(f"wrote {job.done} latents to {job.out}{skipped}", soft_wrap=True)
+    if job.failed:
+        fail(f"{len(job.failed)} of {job.done + job.skipped + len(job.failed)} images failed")
 
 
 def step_progress(description: str):

@@ -35,7 +35,8 @@ from .train import Reporter, load_checkpoint, lr_factor, save_checkpoint
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
 CHECKPOINT_FORMAT = "hybrid-codec-distill-checkpoint"
 VAL_SIDE = 256
-"""Live-teacher validation uses the central (at most) VAL_SIDE x VAL_SIDE crop of each image: the SD VAE is slow."""
+"""Validation looks at the central (at most) VAL_SIDE x VAL_SIDE crop of each image or tile: the
+SD VAE (live teacher) and the decoder are the slow parts; the latent error uses whole tiles."""
 
 
 def sd_config(encoder_hidden: int = 12, decoder_hidden: int = 16, decoder_kernel: int = 3) -> CodecConfig:
@@ -57,6 +58,7 @@ class DistillOptions:
     steps: int = 4000
     batch_size: int = 8
     crop: int = 128
+    decoder_crop: int = 0  # the decoder trains on a random window of this side of each crop (0: all of it)
     lr: float = 2e-3
     warmup: int = 200
     ema: float = 0.999  # 0 turns the EMA off
@@ -226,11 +228,34 @@ def evaluate(model: Autoencoder, pairs: list[tuple[torch.Tensor, torch.Tensor]],
         total += target.double().sum((0, 2, 3)).cpu()
         total_sq += target.double().pow(2).sum((0, 2, 3)).cpu()
         count += target[0, 0].numel()
-        scores.append(psnr(image, model.decoder(dequantize(*quantize(latent)))))
+        window = _central_crop(latent, VAL_SIDE // model.config.downscale, 1)
+        decoded = model.decoder(dequantize(*quantize(window)))
+        scores.append(psnr(_central_crop(image, VAL_SIDE, model.config.downscale), decoded))
     model.train(was_training)
     variance = (total_sq / count - (total / count) ** 2).clamp_min(1e-12)
     relative = sq_err / count / variance
     return {"val_latent_rel": relative.mean().item(), "val_psnr": sum(scores) / len(scores)}
+
+
+def warmup_ema(decay: float):
+    """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
+
+    Distillation runs are short (about a thousand steps on CPU): a fixed 0.999 would still hold a
+    third of the random initialisation at step 1000; the ramp forgets it within a few dozen steps.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        weight = 1 - min(decay, (1 + n) / (10 + n))
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+        for a, c in zip(averaged, current, strict=True):
+            if not a.is_floating_point():
+                a.copy_(c)  # counters such as BatchNorm's num_batches_tracked
+
+    return update
 
 
 def latent_relative_error(latents: torch.Tensor, targets: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -253,6 +278,9 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
     factor = opts.model.downscale
     if opts.crop % factor or opts.crop < factor:
         raise CodecError(f"--crop must be a positive multiple of {factor}")
+    decoder_side = (opts.decoder_crop or opts.crop) // factor
+    if opts.decoder_crop % factor or decoder_side * factor > opts.crop or decoder_side < 1:
+        raise CodecError(f"--decoder-crop must be a multiple of {factor} no larger than --crop")
     if opts.steps < 1 or opts.batch_size < 1:
         raise CodecError("--steps and --batch-size must be positive")
     if opts.model.latent_space != "sd":
@@ -282,7 +310,7 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
         crops = RandomCrops(train_paths, opts.crop, opts.seed, min_scale=0.5)
         val_pairs = []
         for path in val_paths:
-            image = _central_crop(torch.from_numpy(np.asarray(open_image(path))).permute(2, 0, 1) / 255.0, VAL_SIDE, 8)
+            image = _central_crop(torch.from_numpy(np.array(open_image(path))).permute(2, 0, 1) / 255.0, VAL_SIDE, 8)
             val_pairs.append((image, teacher_latents(teacher, image[None].to(device))[0].cpu()))
         variance = None  # estimated from the first batch, then kept in the checkpoint
 
@@ -290,9 +318,7 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
     model = Autoencoder(opts.model).to(device)
     ema = None
     if opts.ema > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(opts.ema), use_buffers=True
-        )
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=warmup_ema(opts.ema), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts.warmup, opts.steps))
     start, elapsed, val = 0, 0.0, {}
@@ -307,9 +333,9 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
             ema.load_state_dict(state["ema"])
         start, elapsed, val = state["step"], state["seconds"], state.get("val", {})
         variance = state["variance"] if variance is None else variance
+        if start >= opts.steps:
+            raise CodecError(f"{opts.resume} is already at step {start} of {opts.steps}: raise --steps to go on")
         log(f"resumed from {opts.resume} at step {start}")
-    if start >= opts.steps:
-        raise CodecError(f"{opts.resume} is already at step {start} of {opts.steps}: raise --steps to go on")
 
     loader = torch.utils.data.DataLoader(
         crops, batch_size=opts.batch_size, sampler=StepSampler(start, opts.steps, opts.batch_size), num_workers=0
@@ -349,11 +375,25 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
             targets = teacher_latents(teacher, images)
         else:
             images, targets = batch[0].to(device), batch[1].to(device)
+        latents = model.encoder(images)
+        if targets.shape != latents.shape:
+            raise CodecError(
+                f"the teacher gives latents {tuple(targets.shape[1:])} for {tuple(images.shape[1:])} crops, the "
+                f"student {tuple(latents.shape[1:])}: the teacher is not an SD VAE (4 channels, 1/8 size)"
+            )
         if variance is None:
             variance = targets.float().var((0, 2, 3)).clamp_min(1e-6).cpu()
-        latents = model.encoder(images)
         latent_loss = latent_relative_error(latents, targets, variance.to(device))
-        decoded = model.decoder(fake_quantize(latents.detach()), clamp=False)
+        if decoder_side < latents.shape[-1]:  # a window of the crop: the decoder is the slow half
+            rng = np.random.default_rng([opts.seed, step, 2])
+            top, left = (int(rng.integers(0, n - decoder_side + 1)) for n in latents.shape[-2:])
+            window = latents[..., top : top + decoder_side, left : left + decoder_side]
+            images = images[
+                ..., top * factor : (top + decoder_side) * factor, left * factor : (left + decoder_side) * factor
+            ]
+        else:
+            window = latents
+        decoded = model.decoder(fake_quantize(window.detach()), clamp=False)
         image_loss = F.mse_loss(decoded, images)
         loss = latent_loss + opts.image_weight * image_loss
         if not torch.isfinite(loss):

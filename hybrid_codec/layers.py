@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+EVAL_CHUNK = 16384
+"""Patches per chunk in eval mode: bounds memory on huge images (about 0.4 GB for the decoder)."""
+
 POWER_RANGE = (0.25, 4.0)
 """The learned power is clamped to this range so that `(relu + eps) ** power` stays finite."""
 
@@ -177,6 +180,14 @@ class DynamicConv(nn.Module):
         batch, _, height, width = x.shape
         out_h, out_w = self.output_size(height, width)
         patches = self.patches(x)  # (N, P), N = B * L
+        if self.training or patches.shape[0] <= EVAL_CHUNK:
+            out = self.mix(patches)
+        else:  # eval-mode BatchNorm is per patch, so chunks give the same result in bounded memory
+            out = torch.cat([self.mix(chunk) for chunk in patches.split(EVAL_CHUNK)])
+        return out.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+
+    def mix(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, P) patches -> (N, O): predicted-kernel products plus similar_conv."""
         o, h, p = self.out_channels, self.hidden, self.patch_size
         # Everything linear in the patch comes from one matrix product:
         #   dense1's pre-activation (O*H), patch . W_o for the kernel projection (O*H),
@@ -198,8 +209,7 @@ class DynamicConv(nn.Module):
         d1 = self.dense1
         hidden = self.norm1(hybrid_activation(lin1, d1.power, d1.scale, d1.eps))  # (N, O, H)
         hidden = self.norm2(self.dense2(hidden))  # (N, O, H)
-        out = ((hidden * projected).sum(-1) + kernel_bias_part) / p + similar  # (N, O)
-        return out.view(batch, out_h, out_w, o).permute(0, 3, 1, 2)
+        return ((hidden * projected).sum(-1) + kernel_bias_part) / p + similar
 
     def extra_repr(self) -> str:
         return (

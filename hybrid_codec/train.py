@@ -90,6 +90,16 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def ema_average(decay: float):
+    """EMA with warm-up: the decay grows as (1 + n) / (10 + n) up to `decay`, so early weights fade fast."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        return averaged * d + current * (1 - d)
+
+    return average
+
+
 def reconstruction_loss(kind: str, image: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
     if kind == "mse":
         return F.mse_loss(decoded, image)
@@ -215,9 +225,7 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
     model.to(device)
     ema = None
     if opts.ema > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(opts.ema), use_buffers=True
-        )
+        ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_average(opts.ema), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts.warmup, opts.steps))
     start, best_psnr, elapsed = 0, None, 0.0

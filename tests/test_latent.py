@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-import lzma
 import math
 import pickle
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +200,7 @@ BAD_VALUES = [
     pytest.param(change(low=[0.0, 0.0, 0.0]), "'low' must hold 4", id="low-too-few-channels"),
     pytest.param(change(step=[0.1] * 5), "'step' must hold 4", id="step-too-many-channels"),
     pytest.param(change(low=[]), "'low' must hold 4", id="low-empty"),
-    pytest.param(change(payload=b""), "corrupt latent payload: 0 values where 60", id="payload-empty"),
+    pytest.param(change(payload=b"\x00"), "latent payload", id="payload-one-byte"),
     pytest.param(change(payload=b"\x00garbage" * 8), "corrupt latent payload", id="payload-garbage"),
 ]
 
@@ -225,15 +225,15 @@ def test_truncated_payload_refused():
     fields = make_latent(h=10, w=12, height=80, width=96).to_dict()
     payload = fields["payload"]
     for cut in (1, len(payload) // 2, len(payload) - 1):
-        with pytest.raises(CodecError, match="corrupt latent payload"):
+        with pytest.raises(CodecError, match="truncated latent payload|corrupt latent payload"):
             Latent.from_bytes(saved({**fields, "payload": payload[:cut]}))
 
 
 def test_payload_bomb_is_not_inflated():
     fields = good_fields()  # 60 values expected
-    bomb = lzma.compress(bytes(10**7), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 1}])
+    bomb = zlib.compress(bytes(10**7), 9)  # 10 MB of zeros in about 10 KB
     fields["payload"] = bomb
-    with pytest.raises(CodecError, match="corrupt latent payload"):
+    with pytest.raises(CodecError, match="corrupt latent payload: 61 values where 60"):
         Latent.from_bytes(saved(fields))
 
 
@@ -257,7 +257,7 @@ def test_error_names_the_file(tmp_path):
 def test_every_truncation_refused():
     data = make_latent().to_bytes()
     for length in range(len(data)):
-        with pytest.raises(CodecError, match="not a hybrid-codec latent file|corrupt latent payload"):
+        with pytest.raises(CodecError, match="not a hybrid-codec latent file|latent payload"):
             Latent.from_bytes(data[:length])
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from loop_reference import loop_dynamic_conv, predictors
 from torch import nn
 
+from hybrid_codec import layers
 from hybrid_codec.layers import POWER_RANGE, DynamicConv, GroupedBatchNorm, HybridDense, hybrid_activation
 from hybrid_codec.layers import _HybridActivation as HybridActivation
 
@@ -76,6 +77,16 @@ def test_vectorized_dynamic_conv_matches_loop_reference(in_ch, out_ch, k, stride
             running_var = torch.cat([mlp[index].running_var for mlp in mlps])
             torch.testing.assert_close(norm.running_mean, running_mean, rtol=0, atol=1e-9)
             torch.testing.assert_close(norm.running_var, running_var, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval-bn", "train-bn"])
+def test_chunked_evaluation_matches_loop_reference(monkeypatch, train):
+    """Big inputs run in chunks of patches in eval mode; chunking must not change the result."""
+    monkeypatch.setattr(layers, "EVAL_CHUNK", 7)  # 2 x 6 x 5 = 60 patches: 9 chunks, the last one short
+    layer = random_layer(3, 4, 3, 1, "same", seed=5).train(train)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mlps = predictors(layer)
+    torch.testing.assert_close(layer(x), loop_dynamic_conv(layer, x, mlps), rtol=0, atol=1e-6)
 
 
 def test_loop_reference_is_not_trivially_equal_to_similar_conv():
@@ -285,6 +296,7 @@ def test_hand_written_backward_matches_autograd_of_literal_formula():
         torch.rand(2, 5, dtype=torch.float64, generator=gen) * 4,  # some below POWER_RANGE's low end
         torch.randn(2, 5, dtype=torch.float64, generator=gen),
     )
+    inputs[0][::4] = 0.0  # exactly at relu's kink: like torch.relu, no gradient flows there
     weights = torch.randn(30, 2, 5, dtype=torch.float64, generator=gen)
     grads = []
     for fn in (hybrid_activation, literal_activation):

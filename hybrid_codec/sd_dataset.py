@@ -1,0 +1,229 @@
+"""`hybrid-codec sd-latents`: SD latents for a whole image folder, for diffusion-training pipelines.
+
+Two outputs: one `.safetensors` file (a tensor (4, h, w) per image, keyed by its path relative to
+the folder, settings in the metadata), or a folder of `<relative path without suffix>.npy` files
+with a `sd-latents.json` manifest. Both resume: images whose latents exist are skipped. For the
+single file, finished latents are kept in a hidden `.<name>.parts/` folder until the file is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CodecError
+from .images import find_images, open_image
+from .latent import write_atomic
+from .sd import SD_SCALING_FACTOR, encode_latents, sd_codec
+
+MANIFEST = "sd-latents.json"
+FORMAT = "hybrid-codec-sd-latents"
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) as images finish."""
+
+
+@dataclass
+class LatentsJob:
+    done: int = 0  # latents written by this run
+    skipped: int = 0  # already there (resume)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    out: Path | None = None
+
+
+def _settings(model: str, scaled: bool, scaling_factor: float, device: str) -> dict[str, str]:
+    codec = sd_codec(model, device)
+    return {
+        "format": FORMAT,
+        "model": codec.name,
+        "weights": codec.weights_hash,
+        "scaled": "true" if scaled else "false",
+        "scaling_factor": repr(float(scaling_factor)) if scaled else "1.0",
+    }
+
+
+def _npy_name(key: str) -> str:
+    return str(Path(key).with_suffix(".npy"))
+
+
+class _NpyFolder:
+    """A folder of one .npy per image plus a manifest naming the settings; resumable."""
+
+    def __init__(self, folder: Path, settings: dict[str, str]) -> None:
+        self.folder = folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CodecError(f"{folder}: cannot create folder ({exc.strerror})") from None
+        manifest = folder / MANIFEST
+        if manifest.exists():
+            try:
+                old = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                raise CodecError(f"{manifest}: unreadable; delete it or write to another folder") from None
+            if old != settings:
+                raise CodecError(
+                    f"{folder} holds latents made with other settings ({_differences(old, settings)}); "
+                    "use --force to start over or write to another folder"
+                )
+        else:
+            write_atomic(manifest, json.dumps(settings, indent=1, sort_keys=True).encode())
+
+    def has(self, key: str) -> bool:
+        return (self.folder / _npy_name(key)).is_file()
+
+    def put(self, key: str, latent: torch.Tensor) -> None:
+        path = self.folder / _npy_name(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = _npy_bytes(latent)
+        write_atomic(path, buffer)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for path in sorted(self.folder.rglob("*.npy")):
+            yield path.relative_to(self.folder).as_posix(), torch.from_numpy(np.load(path, allow_pickle=False))
+
+
+def _npy_bytes(latent: torch.Tensor) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, latent.detach().cpu().float().numpy(), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in keys)
+
+
+def _read_safetensors(path: Path, settings: dict[str, str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CodecError(f"{path}: exists but is not a readable safetensors file ({exc}); use --force") from None
+    old = {k: metadata.get(k) for k in settings}
+    if old != settings:
+        raise CodecError(
+            f"{path} holds latents made with other settings ({_differences(old, settings)}); "
+            "use --force to start over or write to another file"
+        )
+    return tensors
+
+
+def write_sd_latents(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    scaled: bool = True,
+    batch_size: int = 8,
+    device: str = "auto",
+    model: str = "sd",
+    scaling_factor: float = SD_SCALING_FACTOR,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> LatentsJob:
+    """SD latents for every image below `folder` into `out` (.safetensors file, or a folder of .npy).
+
+    Images of one size are encoded in batches of `batch_size`; a file that cannot be read is
+    reported in `failed` and the others go on. Runs again skip what is done.
+    """
+    folder, out = Path(folder), Path(out)
+    sources = find_images(folder)
+    if not sources:
+        raise CodecError(f"{folder}: folder holds no images")
+    keys = [path.relative_to(folder).as_posix() for path in sources]
+    names = [_npy_name(key) for key in keys]
+    if len(set(names)) != len(names):
+        clash = next(n for n in names if names.count(n) > 1)
+        raise CodecError(f"two images would share the latent {clash!r} (same name, other suffix); rename one")
+    settings = _settings(model, scaled, scaling_factor, device)
+    single = out.suffix == ".safetensors"
+    if single and out.is_dir():
+        raise CodecError(f"{out}: is a folder; give a .safetensors file or a folder without that suffix")
+    if not single and out.exists() and not out.is_dir():
+        raise CodecError(f"{out}: exists and is a file; give a .safetensors file or a folder")
+    parts_dir = out.with_name(f".{out.name}.parts") if single else out
+    if force:
+        if single:
+            out.unlink(missing_ok=True)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    existing = _read_safetensors(out, settings) if single and out.exists() else {}
+    parts = _NpyFolder(parts_dir, settings)
+
+    job = LatentsJob(out=out)
+    pending = []
+    for key, source in zip(keys, sources, strict=True):
+        if key in existing or parts.has(key):
+            job.skipped += 1
+        else:
+            pending.append((key, source))
+    total = len(sources)
+    if progress:
+        progress(job.skipped, total)
+
+    batch: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        latents = encode_latents(
+            [image for _, image in batch],
+            scaled=scaled,
+            batch_size=batch_size,
+            device=device,
+            scaling_factor=scaling_factor,
+            model=model,
+        )
+        for (key, _), latent in zip(batch, latents, strict=True):
+            parts.put(key, latent)
+            job.done += 1
+        if progress:
+            progress(job.skipped + job.done + len(job.failed), total)
+        batch.clear()
+
+    for key, source in pending:
+        try:
+            image = torch.from_numpy(np.asarray(open_image(source)).copy()).permute(2, 0, 1).float().div_(255.0)
+        except CodecError as exc:
+            job.failed.append((source, str(exc)))
+            if progress:
+                progress(job.skipped + job.done + len(job.failed), total)
+            continue
+        if batch and (batch[0][1].shape != image.shape or len(batch) >= batch_size):
+            flush()
+        batch.append((key, image))
+    flush()
+
+    if single:
+        _assemble(out, existing, parts, settings, keys)
+    return job
+
+
+def _assemble(
+    out: Path, existing: dict[str, torch.Tensor], parts: _NpyFolder, settings: dict[str, str], keys: list[str]
+) -> None:
+    """Write the single file from what it held plus the finished parts, atomically; then drop the parts."""
+    from safetensors.torch import save_file
+
+    npy_to_key = {_npy_name(key): key for key in keys}
+    tensors = dict(existing)
+    for name, tensor in parts.items():
+        tensors[npy_to_key.get(Path(name).as_posix(), name)] = tensor
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata=settings)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CodecError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    shutil.rmtree(parts.folder, ignore_errors=True)

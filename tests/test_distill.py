@@ -1,0 +1,153 @@
+"""`hybrid-codec distill`, run for real: a tiny diffusers AutoencoderKL teacher, and precomputed tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_sd import tiny_kl
+from typer.testing import CliRunner
+
+from hybrid_codec.cli import app
+from hybrid_codec.distill import TileCrops, find_tiles
+from hybrid_codec.errors import CodecError
+from hybrid_codec.models import Autoencoder
+
+runner = CliRunner()
+SMALL = ["--encoder-hidden", "4", "--decoder-hidden", "4", "--device", "cpu", "--batch-size", "2"]
+
+
+def one_error_line(result) -> str:
+    """Exit code 1 and one error line, last; warnings (yellow lines, e.g. skipped files) may come before it."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1, result.output
+    return lines[-1]
+
+
+def pooled_target(pixels: np.ndarray) -> np.ndarray:
+    """A learnable stand-in for SD latents: 8x8 means of RGB and of brightness, at SD-like scales."""
+    h, w = pixels.shape[0] // 8, pixels.shape[1] // 8
+    means = pixels[: h * 8, : w * 8].astype(np.float32).reshape(h, 8, w, 8, 3).mean((1, 3)) / 255
+    channels = [means[..., 0] * 5, means[..., 1] * 4 - 2, means[..., 2] * 3, means.mean(-1) * -2]
+    return np.stack(channels).astype(np.float32)
+
+
+@pytest.fixture
+def tiles(tmp_path, image_folder):
+    """64x64 tiles every 32 px of each image, in the shared teacher folder's naming."""
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for path in sorted(image_folder.glob("*.png")):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        for top in range(0, pixels.shape[0] - 63, 32):
+            for left in range(0, pixels.shape[1] - 63, 32):
+                tile = pixels[top : top + 64, left : left + 64]
+                np.save(folder / f"{path.stem}_y{top}_x{left}.npy", pooled_target(tile))
+    (folder / "notes.npy").write_bytes(b"")  # not a tile name: skipped with a warning
+    return folder
+
+
+def test_tile_crops_are_aligned_pairs(tiles, image_folder):
+    found = find_tiles(tiles, sorted(image_folder.glob("*.png")), warn=lambda m: None)
+    assert len(found) > 8 and all(t.top % 32 == 0 and t.left % 32 == 0 for t in found)
+    crops = TileCrops(found, 32, seed=0)
+    for i in range(6):
+        image, target = crops[i]
+        assert image.shape == (3, 32, 32) and target.shape == (4, 4, 4)
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        np.testing.assert_allclose(target.numpy(), pooled_target(pixels), atol=1e-5)
+
+
+def test_distill_from_tiles_validates_and_resumes(tmp_path, image_folder, tiles):
+    out = tmp_path / "sd.safetensors"
+    args = ["distill", str(image_folder), "--out", str(out), "--teacher-latents", str(tiles), "--holdout", "1"]
+    args += [*SMALL, "--crop", "32", "--val-every", "2", "--checkpoint-every", "2"]
+    result = runner.invoke(app, [*args, "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert "distilled 3 steps" in result.output and "validation latent rel. error" in result.output
+    model = Autoencoder.from_pretrained(out)
+    assert model.config.latent_space == "sd" and model.config.name == "sd"
+    checkpoint = tmp_path / "sd.ckpt"
+    assert checkpoint.is_file()
+
+    resumed = runner.invoke(app, [*args, "--steps", "5", "--resume", str(checkpoint)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from" in resumed.output and "distilled 5 steps" in resumed.output
+    line = one_error_line(runner.invoke(app, [*args, "--steps", "5", "--resume", str(checkpoint)]))
+    assert "already at step 5" in line
+
+
+def test_distill_learns_the_tile_targets(tmp_path, image_folder, tiles):
+    """Enough steps on an easy target bring the latent relative error well below 1 (predicting the mean)."""
+    from hybrid_codec.distill import DistillOptions, distill, sd_config
+
+    opts = DistillOptions(
+        data_dir=image_folder,
+        out=tmp_path / "sd.safetensors",
+        teacher_latents=tiles,
+        holdout=1,
+        steps=60,
+        batch_size=4,
+        crop=32,
+        lr=5e-3,
+        warmup=5,
+        ema=0.9,
+        val_every=60,
+        device="cpu",
+        model=sd_config(encoder_hidden=4, decoder_hidden=4),
+    )
+    result = distill(opts, log=lambda m: None)
+    assert result.finished and result.val["val_latent_rel"] < 0.5
+
+
+def test_distill_with_a_live_tiny_sd_vae_teacher(tmp_path, image_folder):
+    teacher = tiny_kl(tmp_path / "vae")
+    out = tmp_path / "student.safetensors"
+    args = ["distill", str(image_folder), "--out", str(out), "--teacher", str(teacher), *SMALL]
+    result = runner.invoke(app, [*args, "--steps", "2", "--crop", "32", "--holdout", "1", "--val-every", "2"])
+    assert result.exit_code == 0, result.output
+    assert "validation latent rel. error" in result.output
+    assert Autoencoder.from_pretrained(out).config.latent_space == "sd"
+
+
+def test_distill_bad_inputs_are_one_clear_line(tmp_path, image_folder, tiles):
+    out = str(tmp_path / "x.safetensors")
+    base = ["distill", str(image_folder), "--out", out, *SMALL, "--steps", "1", "--crop", "32"]
+    assert "not both" in one_error_line(runner.invoke(app, [*base, "--teacher", "x", "--teacher-latents", str(tiles)]))
+    line = one_error_line(runner.invoke(app, [*base]))  # the default Hub teacher, offline in tests
+    assert "stabilityai/sd-vae-ft-mse" in line and "--vae" in line
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert "no <image>_y<Y>_x<X>.npy tiles" in one_error_line(
+        runner.invoke(app, [*base, "--teacher-latents", str(empty)])
+    )
+    assert "multiple of 8" in one_error_line(
+        runner.invoke(app, [*base, "--teacher-latents", str(tiles), "--crop", "30"])
+    )
+    assert "smaller than --crop" in one_error_line(
+        runner.invoke(app, [*base, "--teacher-latents", str(tiles), "--crop", "128"])
+    )
+    np.save(tiles / "img0_y64_x96.npy", np.zeros((4, 8, 8), np.float32))  # 64x64 at x=96 leaves a 128-wide image
+    assert "does not fit" in one_error_line(runner.invoke(app, [*base, "--teacher-latents", str(tiles)]))
+
+
+def test_find_tiles_refuses_ambiguous_stems(tmp_path, image_folder, tiles):
+    other = tmp_path / "more"
+    other.mkdir()
+    Image.open(image_folder / "img0.png").save(other / "img0.jpg")
+    with pytest.raises(CodecError, match="two images are named"):
+        find_tiles(tiles, [image_folder / "img0.png", other / "img0.jpg"])
+
+
+def test_sd_teacher_must_give_sd_shaped_latents(tmp_path, image_folder):
+    """A VAE with another downscale is refused with a clear line, not a shape error deep in the loss."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4).save_pretrained(tmp_path / "flat")
+    args = ["distill", str(image_folder), "--out", str(tmp_path / "y.safetensors"), *SMALL, "--steps", "1"]
+    line = one_error_line(runner.invoke(app, [*args, "--crop", "32", "--teacher", str(tmp_path / "flat")]))
+    assert "not an SD VAE" in line
