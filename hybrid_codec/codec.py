@@ -18,6 +18,7 @@ from .images import ImageLike, image_to_tensor, tensor_to_image
 from .latent import Latent
 from .models import Autoencoder
 from .quantize import dequantize, quantize
+from .runtime import check_device
 from .zoo import resolve_weights
 
 
@@ -118,10 +119,7 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise CodecError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    chosen = torch.device(check_device(str(device)))
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise CodecError("device cuda was asked for, but CUDA is not available here")
     if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

@@ -206,5 +206,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CodecError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:  # also on Ctrl-C
+        tmp.unlink(missing_ok=True)

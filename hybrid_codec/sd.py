@@ -35,7 +35,7 @@ _VAE_LABEL = {"sd": "SD VAE (diffusers.AutoencoderKL)", "taesd": "TAESD (diffuse
 def _short(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception, shortened: diffusers' messages run to paragraphs."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
+    text = lines[0].rstrip(".") if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -48,15 +48,53 @@ def _looks_local(source: str) -> bool:
 def _quiet_hub() -> Iterator[None]:
     """diffusers and huggingface_hub log and warn while loading; a failure is reported as one line instead."""
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
 
-    level = diffusers_logging.get_verbosity()
+    levels = diffusers_logging.get_verbosity(), hub_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # its retry messages ("Retrying in 8s") would break the one-line report
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        diffusers_logging.set_verbosity(level)
+        diffusers_logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _check_hub_reachable(timeout: float = 5.0) -> None:
+    """Fail fast when the Hub's host cannot be reached, instead of huggingface_hub's minute of retries.
+
+    Skipped behind a proxy, where a direct connection says nothing.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise OSError(f"cannot reach {host} ({exc.strerror or exc})") from None
+
+
+def _from_hub(cls, source: str):
+    """The Hugging Face cache first (instant, works offline), then the Hub unless HF_HUB_OFFLINE is set."""
+    try:
+        return cls.from_pretrained(source, local_files_only=True)
+    except Exception:
+        if _hub_offline():
+            raise
+    _check_hub_reachable()
+    return cls.from_pretrained(source)
 
 
 def load_vae(kind: str = "sd", source: str | os.PathLike | None = None, device: str | torch.device = "auto"):
@@ -84,15 +122,17 @@ def load_vae(kind: str = "sd", source: str | os.PathLike | None = None, device: 
         with _quiet_hub():
             if path.is_file():
                 vae = cls.from_single_file(str(path))
+            elif path.is_dir():
+                vae = cls.from_pretrained(str(path))
             else:
-                vae = cls.from_pretrained(str(path) if path.is_dir() else source)
+                vae = _from_hub(cls, source)
     except CodecError:
         raise
     except Exception as exc:  # diffusers / huggingface_hub / safetensors raise many types; all mean "not loadable"
         where = "local folder" if path.is_dir() else "file" if path.is_file() else "Hub id"
         hint = ""
         if not path.exists():
-            offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+            offline = " (HF_HUB_OFFLINE is set)" if _hub_offline() else ""
             hint = (
                 f"; it is not in the Hugging Face cache and cannot be downloaded here{offline}: download it once "
                 f"(huggingface-cli download {source}) or pass --vae /path/to/folder with its config.json and weights"

@@ -271,3 +271,31 @@ assert not loaded, loaded
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_scaled_latents_pass_through_the_img2img_preprocessing(sd_weights):
+    """StableDiffusionImg2ImgPipeline(image=latents): its VaeImageProcessor keeps 4-channel tensors as they are,
+    and `prepare_latents` uses them as the (scaled) initial latents. The full pipeline needs transformers and
+    SD weights, which the tests do not have; this checks the step that decides how our tensor is read."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from hybrid_codec.sd import encode_latents
+
+    latents = encode_latents(smooth_image(64, 48), model=sd_weights, device="cpu")
+    processed = VaeImageProcessor(vae_scale_factor=8).preprocess(latents)
+    assert processed.shape == latents.shape and torch.equal(processed, latents)
+
+
+def test_shipped_sd_weights_are_small_and_in_sd_space():
+    from hybrid_codec.codec import load_codec
+    from hybrid_codec.metrics import psnr
+    from hybrid_codec.models import weights_bytes
+
+    codec = load_codec("sd", device="cpu")
+    assert codec.config.latent_space == "sd" and codec.name == "sd"
+    assert weights_bytes(codec.model.encoder) <= 100_000 and weights_bytes(codec.model.decoder) <= 2_000_000
+    image = torch.from_numpy(smooth_image(64, 80)).permute(2, 0, 1)[None] / 255.0
+    latents = codec.encode_tensor(image)
+    # raw SD space: channel means and spreads of the order of the SD VAE's (about 5, 3, 0, -2.5; std 2-4)
+    assert latents.abs().mean() > 0.5 and latents.std() > 0.5
+    assert psnr(image, codec.roundtrip_tensor(image)) > 18
