@@ -12,7 +12,8 @@ Fields (format version 1):
     bits          bits per latent value (8)
     low, step     per channel: value = low + code * step
     coding        how `payload` holds the codes: "deflate-delta" (zlib of row-wise differences)
-    payload       bytes
+    payload       1-D uint8 tensor holding the coded bytes (a tensor is stored raw; pickled
+                  bytes would be stored as latin-1 text, 1.5x larger)
 
 Only plain Python values and bytes are stored: no pickled classes of this project, no code.
 The legacy (non-zip) torch.save layout keeps the container to about 500 bytes, which
@@ -99,7 +100,7 @@ class Latent:
             "low": [float(v) for v in self.low],
             "step": [float(v) for v in self.step],
             "coding": CODINGS[0],
-            "payload": _encode_codes(self.codes.cpu().numpy()),
+            "payload": torch.from_numpy(np.frombuffer(_encode_codes(self.codes.cpu().numpy()), np.uint8).copy()),
         }
 
     def to_bytes(self) -> bytes:
@@ -168,7 +169,7 @@ class Latent:
             field("shape", list),
             field("low", list),
             field("step", list),
-            field("payload", bytes),
+            field("payload", torch.Tensor),
         )
         if space not in LATENT_SPACES:
             raise CodecError(f"unknown latent space {space!r}")
@@ -186,7 +187,10 @@ class Latent:
                 raise CodecError(f"latent field {name!r} must hold {channels} finite numbers")
         if not all(v > 0 for v in step):
             raise CodecError("latent field 'step' must be positive")
-        codes = _decode_codes(payload, (channels, h, w))
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            kind = f"{payload.dtype} {list(payload.shape)}"
+            raise CodecError(f"latent field 'payload' must be a 1-D uint8 tensor, not {kind}")
+        codes = _decode_codes(payload.numpy().tobytes(), (channels, h, w))
         return cls(
             codes=torch.from_numpy(codes.copy()),
             low=torch.tensor(low, dtype=torch.float32),

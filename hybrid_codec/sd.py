@@ -111,7 +111,7 @@ def load_vae(kind: str = "sd", source: str | os.PathLike | None = None, device: 
     try:
         import diffusers
     except ImportError:
-        raise CodecError("decoding with the SD VAE needs diffusers: pip install diffusers") from None
+        raise CodecError("the SD VAE and TAESD need diffusers: pip install diffusers") from None
     cls = diffusers.AutoencoderKL if kind == "sd" else diffusers.AutoencoderTiny
     path = Path(source).expanduser()
     if not path.exists() and _looks_local(source):

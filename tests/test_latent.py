@@ -25,6 +25,11 @@ FIELDS = ("format", "version", "model", "weights", "latent_space", "height", "wi
 FIELDS += ("coding", "payload")
 
 
+
+def as_payload(data: bytes) -> torch.Tensor:
+    """Bytes as the file stores them: a flat uint8 tensor."""
+    return torch.tensor(list(data), dtype=torch.uint8)
+
 def make_latent(channels=4, h=3, w=5, height=20, width=37, seed=0) -> Latent:
     gen = torch.Generator().manual_seed(seed)
     return Latent(
@@ -80,8 +85,8 @@ def test_file_holds_the_documented_fields_as_plain_values():
     assert fields["shape"] == [4, 3, 5] and fields["bits"] == 8
     assert (fields["height"], fields["width"]) == (20, 37)
     assert fields["low"] == [float(v) for v in latent.low]
-    assert isinstance(fields["payload"], bytes)
-    assert all(type(v) in (str, int, list, bytes) for v in fields.values())
+    assert fields["payload"].dtype == torch.uint8 and fields["payload"].dim() == 1
+    assert all(type(v) in (str, int, list, torch.Tensor) for v in fields.values())
 
 
 def test_smooth_latent_compresses():
@@ -153,6 +158,7 @@ def test_missing_field_refused(name):
         ("coding", None),
         ("payload", "text"),
         ("payload", [1, 2, 3]),
+        ("payload", b"raw bytes"),
     ],
 )
 def test_field_of_wrong_type_refused(name, value):
@@ -200,9 +206,18 @@ BAD_VALUES = [
     pytest.param(change(low=[0.0, 0.0, 0.0]), "'low' must hold 4", id="low-too-few-channels"),
     pytest.param(change(step=[0.1] * 5), "'step' must hold 4", id="step-too-many-channels"),
     pytest.param(change(low=[]), "'low' must hold 4", id="low-empty"),
-    pytest.param(change(payload=b"\x00"), "latent payload", id="payload-one-byte"),
-    pytest.param(change(payload=b"\x00garbage" * 8), "corrupt latent payload", id="payload-garbage"),
+    pytest.param(change(payload=as_payload(b"\x00")), "latent payload", id="payload-one-byte"),
+    pytest.param(change(payload=as_payload(b"\x00garbage" * 8)), "corrupt latent payload", id="payload-garbage"),
 ]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [torch.zeros(8, dtype=torch.int16), torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.float32)],
+)
+def test_payload_must_be_a_flat_uint8_tensor(payload):
+    with pytest.raises(CodecError, match="'payload' must be a 1-D uint8 tensor"):
+        Latent.from_bytes(saved({**good_fields(), "payload": payload}))
 
 
 @pytest.mark.parametrize("values,message", BAD_VALUES)
@@ -232,7 +247,7 @@ def test_truncated_payload_refused():
 def test_payload_bomb_is_not_inflated():
     fields = good_fields()  # 60 values expected
     bomb = zlib.compress(bytes(10**7), 9)  # 10 MB of zeros in about 10 KB
-    fields["payload"] = bomb
+    fields["payload"] = as_payload(bomb)
     with pytest.raises(CodecError, match="corrupt latent payload: 61 values where 60"):
         Latent.from_bytes(saved(fields))
 
