@@ -25,10 +25,10 @@ FIELDS = ("format", "version", "model", "weights", "latent_space", "height", "wi
 FIELDS += ("coding", "payload")
 
 
-
 def as_payload(data: bytes) -> torch.Tensor:
     """Bytes as the file stores them: a flat uint8 tensor."""
     return torch.tensor(list(data), dtype=torch.uint8)
+
 
 def make_latent(channels=4, h=3, w=5, height=20, width=37, seed=0) -> Latent:
     gen = torch.Generator().manual_seed(seed)
