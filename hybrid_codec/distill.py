@@ -30,7 +30,7 @@ from .images import open_image
 from .metrics import psnr
 from .models import Autoencoder, CodecConfig
 from .quantize import dequantize, fake_quantize, quantize
-from .train import Reporter, load_checkpoint, lr_factor, save_checkpoint
+from .train import Reporter, RunFiles, load_checkpoint, lr_factor, save_checkpoint
 
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
 CHECKPOINT_FORMAT = "hybrid-codec-distill-checkpoint"
@@ -50,7 +50,7 @@ def sd_config(encoder_hidden: int = 12, decoder_hidden: int = 16, decoder_kernel
 
 
 @dataclass
-class DistillOptions:
+class DistillOptions(RunFiles):
     data_dir: Path
     out: Path
     teacher: str | None = None  # Hub id, folder or checkpoint file; default DEFAULT_VAE["sd"] without --teacher-latents
@@ -73,15 +73,6 @@ class DistillOptions:
     device: str = "auto"
     seed: int = 0
     model: CodecConfig = dataclasses.field(default_factory=sd_config)
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out.with_name(self.out.name.removesuffix(".safetensors") + ".ckpt")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_json()
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 @dataclass

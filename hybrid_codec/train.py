@@ -32,8 +32,25 @@ REPRODUCIBLE = ("steps", "batch_size", "crop", "lr", "warmup", "loss", "ema", "c
 """Options that must not change across --resume for the run to end as the uninterrupted one would."""
 
 
+class RunFiles:
+    """What training and distillation options share: the checkpoint's place, and a plain-dict form."""
+
+    out: Path
+    model: CodecConfig
+
+    @property
+    def checkpoint(self) -> Path:
+        """Where the run's checkpoint lives: beside --out, named after it."""
+        return self.out.with_name(self.out.name.removesuffix(".safetensors") + ".ckpt")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_json()
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
 @dataclass
-class TrainOptions:
+class TrainOptions(RunFiles):
     data_dir: Path
     out: Path
     steps: int = 20_000
@@ -57,16 +74,6 @@ class TrainOptions:
     model: CodecConfig = dataclasses.field(default_factory=CodecConfig)
     kernel_init_scale: float = 1.0
     force: bool = False  # start afresh over an existing --out or checkpoint
-
-    @property
-    def checkpoint(self) -> Path:
-        """Where the run's checkpoint lives: beside --out, named after it."""
-        return self.out.with_name(self.out.name.removesuffix(".safetensors") + ".ckpt")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_json()
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 @dataclass
