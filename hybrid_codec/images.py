@@ -74,7 +74,7 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
         check_size(*image.size)
         image = np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):
-        image = array_to_tensor(image)
+        return array_to_tensor(image)  # from 8 or 16 bits: finite and in [0, 1] already
     if not isinstance(image, torch.Tensor):
         raise CodecError(f"cannot encode a {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
     if image.dim() == 3:
@@ -106,8 +106,8 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
         array = array.repeat(3, axis=-1)
     if array.shape[-1] == 4:
         array = np.asarray(to_rgb(Image.fromarray(np.ascontiguousarray(array), "RGBA")))
-    array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    # convert while still height x width x 3 (contiguous, fast), then permute as a view
+    return torch.from_numpy(np.array(array, np.float32)).div_(255.0).permute(2, 0, 1).unsqueeze(0)
 
 
 def tensor_to_image(image: torch.Tensor) -> Image.Image:

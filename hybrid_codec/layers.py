@@ -110,15 +110,18 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 class GroupedBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the features of every group: input (..., groups, features)."""
+    """BatchNorm over the features of every group, channel-first: input (groups, features, N)."""
 
     def __init__(self, features: int, groups: int) -> None:
         super().__init__(groups * features)
-        self.shape = (groups, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-2]
-        return super().forward(x.reshape(-1, x.shape[-2] * x.shape[-1])).reshape(*lead, *self.shape)
+        return super().forward(x.reshape(1, -1, x.shape[-1])).view_as(x)
+
+    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval mode as `x * gain + shift`, per feature: lets the next layer absorb it."""
+        gain = self.weight / torch.sqrt(self.running_var + self.eps)
+        return gain, self.bias - self.running_mean * gain
 
 
 class DynamicConv(nn.Module):
@@ -183,33 +186,51 @@ class DynamicConv(nn.Module):
         if self.training or patches.shape[0] <= EVAL_CHUNK:
             out = self.mix(patches)
         else:  # eval-mode BatchNorm is per patch, so chunks give the same result in bounded memory
-            out = torch.cat([self.mix(chunk) for chunk in patches.split(EVAL_CHUNK)])
-        return out.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+            out = torch.cat([self.mix(chunk) for chunk in patches.split(EVAL_CHUNK)], dim=1)
+        return out.view(self.out_channels, batch, out_h, out_w).transpose(0, 1)
 
     def mix(self, patches: torch.Tensor) -> torch.Tensor:
-        """(N, P) patches -> (N, O): predicted-kernel products plus similar_conv."""
+        """(N, P) patches -> (O, N): predicted-kernel products plus similar_conv.
+
+        Everything runs channel-first, (O, H, N), so that each step is one contiguous batched
+        matrix product or elementwise pass. Everything linear in the patch comes from one
+        matrix product: dense1's pre-activation (O*H rows), patch . W_o for the kernel
+        projection (O*H), patch . b_o for the kernel bias (O), and similar_conv itself (O).
+        mean_p patch_p * (W_o hidden_o + b_o)_p = (hidden_o . (patch W_o) + patch . b_o) / P,
+        so the (N, O, P) predicted kernels are never built. In eval mode both BatchNorms are
+        affine maps and are folded into the weights after them.
+        """
         o, h, p = self.out_channels, self.hidden, self.patch_size
-        # Everything linear in the patch comes from one matrix product:
-        #   dense1's pre-activation (O*H), patch . W_o for the kernel projection (O*H),
-        #   patch . b_o for the kernel bias (O), and similar_conv itself (O).
-        # mean_p patch_p * (W_o hidden_o + b_o)_p = (hidden_o . (patch W_o) + patch . b_o) / P,
-        # so the (N, O, P) predicted kernels are never built.
+        d1, d2 = self.dense1, self.dense2
+        projection = self.kernel_weight.transpose(1, 2)  # (O, H, P)
+        kernel_bias, w2, b2 = self.kernel_bias, d2.weight, d2.bias
+        if not self.training:
+            gain1, shift1 = (t.view(o, 1, h) for t in self.norm1.scale_and_shift())
+            gain2, shift2 = (t.view(o, h, 1) for t in self.norm2.scale_and_shift())
+            w2, b2 = w2 * gain1, b2 + (w2 * shift1).sum(-1)
+            kernel_bias = kernel_bias + (projection * shift2).sum(1)
+            projection = projection * gain2
         weight = torch.cat(
             [
-                self.dense1.weight.reshape(o * h, p),
-                self.kernel_weight.transpose(1, 2).reshape(o * h, p),
-                self.kernel_bias,
+                d1.weight.reshape(o * h, p),
+                projection.reshape(o * h, p),
+                kernel_bias,
                 self.similar_conv.weight.reshape(o, p),
             ]
         )
-        bias = torch.cat([self.dense1.bias.reshape(-1), weight.new_zeros(o * h + o), self.similar_conv.bias])
-        linear = torch.addmm(bias, patches, weight.T)
-        lin1, projected = linear[:, : o * h].view(-1, o, h), linear[:, o * h : 2 * o * h].view(-1, o, h)
-        kernel_bias_part, similar = linear[:, 2 * o * h : 2 * o * h + o], linear[:, 2 * o * h + o :]
-        d1 = self.dense1
-        hidden = self.norm1(hybrid_activation(lin1, d1.power, d1.scale, d1.eps))  # (N, O, H)
-        hidden = self.norm2(self.dense2(hidden))  # (N, O, H)
-        return ((hidden * projected).sum(-1) + kernel_bias_part) / p + similar
+        bias = torch.cat([d1.bias.reshape(-1), weight.new_zeros(o * h + o), self.similar_conv.bias])
+        linear = torch.addmm(bias[:, None], weight, patches.T)  # (2*O*H + 2*O, N)
+        lin1, projected = linear[: o * h].view(o, h, -1), linear[o * h : 2 * o * h].view(o, h, -1)
+        kernel_bias_part, similar = linear[2 * o * h : 2 * o * h + o], linear[2 * o * h + o :]
+        hidden = hybrid_activation(lin1, d1.power[..., None], d1.scale[..., None], d1.eps)  # (O, H, N)
+        if self.training:
+            hidden = self.norm1(hidden)
+        hidden = hybrid_activation(
+            torch.baddbmm(b2[..., None], w2, hidden), d2.power[..., None], d2.scale[..., None], d2.eps
+        )
+        if self.training:
+            hidden = self.norm2(hidden)
+        return ((hidden * projected).sum(1) + kernel_bias_part) / p + similar
 
     def extra_repr(self) -> str:
         return (

@@ -53,8 +53,8 @@ class RunFiles:
 class TrainOptions(RunFiles):
     data_dir: Path
     out: Path
-    steps: int = 20_000
-    batch_size: int = 16
+    steps: int = 10_000
+    batch_size: int = 8
     crop: int = 128
     lr: float = 2e-3
     warmup: int = 300
@@ -63,9 +63,9 @@ class TrainOptions(RunFiles):
     clip: float = 1.0  # gradient-norm clipping; 0 turns it off
     min_scale: float = 0.5  # crops are shown at scales from min_scale to 1
     val_dir: Path | None = None
-    val_every: int = 500
+    val_every: int = 1000
     val_limit: int = 0  # validate on the first N images only (0: all)
-    checkpoint_every: int = 200
+    checkpoint_every: int = 250
     resume: Path | None = None
     init_from: Path | None = None
     device: str = "auto"

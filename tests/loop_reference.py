@@ -2,8 +2,9 @@
 
 It rebuilds, for each output channel, the paper's predictor from ordinary modules
 (HybridDense -> BatchNorm1d -> HybridDense -> BatchNorm1d -> Linear) with the weights of
-that channel, and loops over the channels. It is slow on purpose: it is the readable
-statement of what the layer computes.
+that channel, and loops over the channels. Its HybridDense is the literal formula, not the
+library's layer, so the comparison also checks the library's hand-written activation. It is
+slow on purpose: it is the readable statement of what the layer computes.
 """
 
 from __future__ import annotations
@@ -12,14 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_codec.layers import DynamicConv, HybridDense
+from hybrid_codec.layers import POWER_RANGE, DynamicConv, HybridDense
 
 
-def _dense(source: HybridDense, channel: int) -> HybridDense:
-    dense = HybridDense(source.in_features, source.out_features, eps=source.eps).to(source.weight.dtype)
-    for name in ("weight", "bias", "power", "scale"):
-        getattr(dense, name).data.copy_(getattr(source, name).data[channel : channel + 1])
-    return dense
+class PlainHybridDense(nn.Module):
+    """HybridDense written as the paper's formula, sharing no code with the library's layer."""
+
+    def __init__(self, source: HybridDense, channel: int) -> None:
+        super().__init__()
+        self.eps = source.eps
+        for name in ("weight", "bias", "power", "scale"):  # shapes (1, out, in) and (1, out), as groups=1
+            setattr(self, name, nn.Parameter(getattr(source, name).data[channel : channel + 1].clone()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin = x @ self.weight[0].T + self.bias[0]
+        y = self.scale[0] * (F.relu(lin) + self.eps) ** self.power[0].clamp(*POWER_RANGE)
+        return torch.nan_to_num(torch.copysign(y, lin), nan=0.0)
+
+
+def _dense(source: HybridDense, channel: int) -> PlainHybridDense:
+    return PlainHybridDense(source, channel)
 
 
 def _norm(source: nn.BatchNorm1d, channel: int, features: int) -> nn.BatchNorm1d:

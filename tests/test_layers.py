@@ -236,11 +236,20 @@ def test_grouped_hybrid_dense_equals_separate_layers():
 
 def test_grouped_batch_norm_normalizes_each_group_feature_separately():
     norm = GroupedBatchNorm(4, 3).train()
-    x = torch.randn(50, 3, 4) * torch.arange(1, 13.0).view(3, 4) + 5
+    x = torch.randn(3, 4, 50) * torch.arange(1, 13.0).view(3, 4, 1) + 5  # (groups, features, N)
     y = norm(x)
-    assert y.shape == (50, 3, 4)
-    torch.testing.assert_close(y.mean(0), torch.zeros(3, 4), atol=1e-5, rtol=0)
-    torch.testing.assert_close(y.var(0, unbiased=False), torch.ones(3, 4), atol=1e-3, rtol=0)
+    assert y.shape == (3, 4, 50)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(3, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(3, 4), atol=1e-3, rtol=0)
+
+
+def test_grouped_batch_norm_in_eval_mode_is_its_scale_and_shift():
+    norm = GroupedBatchNorm(4, 3).train()
+    norm(torch.randn(3, 4, 50) * 3 + 1)  # move the running statistics
+    norm.eval()
+    x = torch.randn(3, 4, 7)
+    gain, shift = (t.view(3, 4, 1) for t in norm.scale_and_shift())
+    torch.testing.assert_close(norm(x), x * gain + shift)
 
 
 # ---- the hand-written backward -------------------------------------------------------------------
