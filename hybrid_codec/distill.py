@@ -30,7 +30,7 @@ from .images import open_image
 from .metrics import psnr
 from .models import Autoencoder, CodecConfig
 from .quantize import dequantize, fake_quantize, quantize
-from .train import Reporter, RunFiles, load_checkpoint, lr_factor, save_checkpoint
+from .train import Reporter, RunFiles, load_checkpoint, lr_factor, run_state, save_checkpoint
 
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
 CHECKPOINT_FORMAT = "hybrid-codec-distill-checkpoint"
@@ -341,21 +341,9 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
         final.save_pretrained(opts.out)
 
     def checkpoint(step: int) -> None:
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "config": opts.model.to_json(),
-            "options": opts.to_dict(),
-            "step": step,
-            "seconds": elapsed + time.monotonic() - began,
-            "val": val,
-            "variance": variance,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        save_checkpoint(opts.checkpoint, state)
+        seconds = elapsed + time.monotonic() - began
+        state = run_state(CHECKPOINT_FORMAT, opts, step, seconds, model, optimizer, scheduler, ema)
+        save_checkpoint(opts.checkpoint, {**state, "val": val, "variance": variance})
 
     began = time.monotonic()
     step, finished = start, True

@@ -182,6 +182,23 @@ def check_options(opts: TrainOptions) -> None:
                 )
 
 
+def run_state(kind: str, opts: RunFiles, step: int, seconds: float, model, optimizer, scheduler, ema) -> dict:
+    """What a checkpoint of a training or distillation run holds in common."""
+    state = {
+        "format": kind,
+        "config": opts.model.to_json(),
+        "options": opts.to_dict(),
+        "step": step,
+        "seconds": seconds,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a run killed at any moment leaves the previous checkpoint or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -282,20 +299,9 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
         return ema.module if ema is not None else model
 
     def checkpoint(step: int) -> None:
-        state = {
-            "format": "hybrid-codec-checkpoint",
-            "config": opts.model.to_json(),
-            "options": opts.to_dict(),
-            "step": step,
-            "best_val_psnr": best_psnr,
-            "seconds": elapsed + time.monotonic() - began,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        save_checkpoint(opts.checkpoint, state)
+        seconds = elapsed + time.monotonic() - began
+        state = run_state("hybrid-codec-checkpoint", opts, step, seconds, model, optimizer, scheduler, ema)
+        save_checkpoint(opts.checkpoint, {**state, "best_val_psnr": best_psnr})
 
     began = time.monotonic()
     loss_value, step = math.nan, start
