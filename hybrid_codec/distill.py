@@ -30,7 +30,16 @@ from .images import open_image
 from .metrics import psnr
 from .models import Autoencoder, CodecConfig
 from .quantize import dequantize, fake_quantize, quantize
-from .train import Reporter, RunFiles, load_checkpoint, lr_factor, run_state, save_checkpoint
+from .train import (
+    Reporter,
+    RunFiles,
+    load_checkpoint,
+    lr_factor,
+    restore_run_state,
+    run_state,
+    save_checkpoint,
+    warmup_ema,
+)
 
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
 CHECKPOINT_FORMAT = "hybrid-codec-distill-checkpoint"
@@ -228,27 +237,6 @@ def evaluate(model: Autoencoder, pairs: list[tuple[torch.Tensor, torch.Tensor]],
     return {"val_latent_rel": relative.mean().item(), "val_psnr": sum(scores) / len(scores)}
 
 
-def warmup_ema(decay: float):
-    """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
-
-    Distillation runs are short (about a thousand steps on CPU): a fixed 0.999 would still hold a
-    third of the random initialisation at step 1000; the ramp forgets it within a few dozen steps.
-    """
-
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = float(num_averaged)
-        weight = 1 - min(decay, (1 + n) / (10 + n))
-        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
-        for a, c in zip(averaged, current, strict=True):
-            if not a.is_floating_point():
-                a.copy_(c)  # counters such as BatchNorm's num_batches_tracked
-
-    return update
-
-
 def latent_relative_error(latents: torch.Tensor, targets: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """Mean over channels of MSE_c / variance_c: each channel weighs the same, whatever its scale."""
     return ((latents - targets).pow(2).mean((0, 2, 3)) / variance).mean()
@@ -317,11 +305,7 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
         state = load_checkpoint(opts.resume)
         if state.get("format") != CHECKPOINT_FORMAT or CodecConfig.from_json(state["config"]) != opts.model:
             raise CodecError(f"{opts.resume}: not a distill checkpoint of this model configuration")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
+        restore_run_state(state, model, optimizer, scheduler, ema)
         start, elapsed, val = state["step"], state["seconds"], state.get("val", {})
         variance = state["variance"] if variance is None else variance
         if start >= opts.steps:

@@ -97,14 +97,25 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def ema_average(decay: float):
-    """EMA with warm-up: the decay grows as (1 + n) / (10 + n) up to `decay`, so early weights fade fast."""
+def warmup_ema(decay: float):
+    """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
 
-    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
-        return averaged * d + current * (1 - d)
+    A fixed 0.999 would still hold a third of the random initialisation at step 1000; the ramp
+    forgets it within a few dozen steps. Integer buffers (BatchNorm's counter) are copied.
+    """
 
-    return average
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        weight = 1 - min(decay, (1 + n) / (10 + n))
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+        for a, c in zip(averaged, current, strict=True):
+            if not a.is_floating_point():
+                a.copy_(c)  # counters such as BatchNorm's num_batches_tracked
+
+    return update
 
 
 def reconstruction_loss(kind: str, image: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
@@ -199,6 +210,15 @@ def run_state(kind: str, opts: RunFiles, step: int, seconds: float, model, optim
     return state
 
 
+def restore_run_state(state: dict, model, optimizer, scheduler, ema) -> None:
+    """Load what `run_state` saved back into a run's model, optimizer, schedule and EMA."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a run killed at any moment leaves the previous checkpoint or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -249,7 +269,7 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
     model.to(device)
     ema = None
     if opts.ema > 0:
-        ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_average(opts.ema), use_buffers=True)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=warmup_ema(opts.ema), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts.warmup, opts.steps))
     start, best_psnr, elapsed = 0, None, 0.0
@@ -258,11 +278,7 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
         state = load_checkpoint(opts.resume)
         if state.get("format") != "hybrid-codec-checkpoint" or CodecConfig.from_json(state["config"]) != opts.model:
             raise CodecError(f"{opts.resume}: not a checkpoint of this model configuration")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
+        restore_run_state(state, model, optimizer, scheduler, ema)
         start, best_psnr, elapsed = state["step"], state["best_val_psnr"], state["seconds"]
         quiet(f"resumed from {opts.resume} at step {start}")
         changed = [
