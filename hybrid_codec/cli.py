@@ -228,7 +228,7 @@ def train(
     loss: Annotated[str, typer.Option(help="mse, ms-ssim or mix.")] = "mse",
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
-    min_scale: Annotated[float, typer.Option(help="Crops are shown at random scales in [min_scale, 1].")] = 0.5,
+    min_scale: Annotated[float, typer.Option(help="Crops are shown at random scales from min_scale to 1.")] = 0.5,
     val_dir: Annotated[Path | None, typer.Option(help="Folder of validation images.")] = None,
     val_every: int = 1000,
     val_limit: Annotated[int, typer.Option(help="Validate on the first N images (0: all).")] = 0,
@@ -295,7 +295,10 @@ def distill(
     out: Annotated[Path, typer.Option("--out", help="Weights file to write (.safetensors).")],
     teacher: Annotated[
         str | None,
-        typer.Option(help="diffusers AutoencoderKL: Hub id, local folder or .safetensors file [sd-vae-ft-mse]."),
+        typer.Option(
+            help="diffusers AutoencoderKL: Hub id, local folder or .safetensors file "
+            "(default: stabilityai/sd-vae-ft-mse)."
+        ),
     ] = None,
     teacher_latents: Annotated[
         Path | None, typer.Option(help="Folder of precomputed targets <image>_y<Y>_x<X>.npy instead of a teacher.")
