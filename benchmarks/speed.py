@@ -1,11 +1,12 @@
 """Encode/decode speed of the codec vs. the per-channel loop reference and Pillow JPEG, in one run.
 
-    python benchmarks/speed.py [--image samples/astronaut.png] [--model native] [--repeats 7]
+    python benchmarks/speed.py [--image samples/astronaut.png] [--model native] [--repeats 7] [--profile]
 
 The image is resized to 768x512. "encode" is PIL image -> latent file bytes; "decode" is latent
 file bytes -> PIL image: both include quantization, compression and the container, as JPEG's
 times include its entropy coding. The loop reference runs the same weights through
-`tests/loop_reference.py` (one Python loop iteration per output channel).
+`tests/loop_reference.py` (one Python loop iteration per output channel). `--profile` also prints
+where one decode spends its time, per PyTorch operator.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def codec_times(codec, image: Image.Image, repeats: int) -> tuple[float, float]:
     return encode, decode
 
 
+def print_decode_profile(codec, image: Image.Image) -> None:
+    """The operators one decode spends its time in: the speed work starts from this table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    data = codec.encode(image).to_bytes()
+    codec.decode(Latent.from_bytes(data))  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        codec.decode(Latent.from_bytes(data))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def use_loop_reference(codec) -> None:
     """Swap every DynamicConv's forward for the per-channel loop, same weights."""
     for layer in codec.model.modules():
@@ -69,6 +81,7 @@ def main() -> None:
     parser.add_argument("--image", default=str(ROOT / "samples" / "astronaut.png"))
     parser.add_argument("--model", default=None)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--profile", action="store_true", help="also print the operators of one decode")
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does
 
@@ -76,6 +89,8 @@ def main() -> None:
     codec = load_codec(args.model, device="cpu")
     print(f"image 768x512, torch {torch.__version__}, {torch.get_num_threads()} threads, model {codec.name}")
     enc, dec = codec_times(codec, image, args.repeats)
+    if args.profile:
+        print_decode_profile(codec, image)
     jpeg_enc, jpeg_dec, jpeg_bytes = jpeg_times(image, 20, args.repeats)
     use_loop_reference(codec)
     loop_enc, loop_dec = codec_times(codec, image, max(1, args.repeats // 3))
