@@ -225,7 +225,7 @@ def train(
     crop: int = 128,
     lr: float = 2e-3,
     warmup: int = 300,
-    loss: Annotated[str, typer.Option(help="mse, ms-ssim or mix.")] = "mse",
+    loss: Annotated[str, typer.Option(help="mse, psnr (mean per-crop PSNR), ms-ssim or mix.")] = "mse",
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
     min_scale: Annotated[float, typer.Option(help="Crops are shown at random scales from min_scale to 1.")] = 0.5,

@@ -27,7 +27,7 @@ from .images import open_image
 from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
 
-LOSSES = ("mse", "ms-ssim", "mix")
+LOSSES = ("mse", "psnr", "ms-ssim", "mix")
 REPRODUCIBLE = ("steps", "batch_size", "crop", "lr", "warmup", "loss", "ema", "clip", "min_scale", "seed")
 """Options that must not change across --resume for the run to end as the uninterrupted one would."""
 
@@ -119,8 +119,16 @@ def warmup_ema(decay: float):
 
 
 def reconstruction_loss(kind: str, image: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """The training loss of a batch (B, 3, H, W); "psnr" is minus the mean per-image PSNR.
+
+    MSE weighs a crop by its error, so busy textures dominate; mean PSNR, the validation
+    metric, counts every image's decibels alike, smooth ones too.
+    """
     if kind == "mse":
         return F.mse_loss(decoded, image)
+    if kind == "psnr":
+        per_image = (decoded - image).pow(2).flatten(1).mean(1)
+        return 10 * torch.log10(per_image + 1e-10).mean()
     similarity = 1 - ms_ssim_loss_value(decoded.clamp(0, 1).float(), image.float())
     if kind == "ms-ssim":
         return similarity

@@ -252,7 +252,7 @@ def test_init_from_existing_weights(image_folder, tmp_path, tiny_weights):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("loss", ["mse", "ms-ssim", "mix"])
+@pytest.mark.parametrize("loss", ["mse", "psnr", "ms-ssim", "mix"])
 def test_each_loss_trains(image_folder, tmp_path, loss):
     losses: list[float] = []
     train(
@@ -260,7 +260,7 @@ def test_each_loss_trains(image_folder, tmp_path, loss):
         report=lambda step, total, m: losses.append(m["loss"]),
         **QUIET,
     )
-    assert len(losses) == 12 and all(math.isfinite(v) and v > 0 for v in losses)
+    assert len(losses) == 12 and all(math.isfinite(v) and (v > 0 or loss == "psnr") for v in losses)
     assert mean(losses[-3:]) < mean(losses[:3]), losses
 
 
@@ -273,6 +273,24 @@ def test_reconstruction_losses():
         assert reconstruction_loss(kind, image, image).item() == pytest.approx(0, abs=1e-6)
         assert 0 < reconstruction_loss(kind, image, noisy) < reconstruction_loss(kind, image, noisier)
     assert reconstruction_loss("mse", image, noisy) == pytest.approx(((image - noisy) ** 2).mean().item())
+
+
+def test_psnr_loss_is_minus_the_mean_per_image_psnr():
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 32, 32)
+    decoded = image.clone()
+    decoded[0] += 0.01 * torch.randn_like(image[0])  # a nearly perfect image beside a poor one
+    decoded[1] += 0.3 * torch.randn_like(image[1])
+    per_image = [10 * math.log10(((image[i] - decoded[i]) ** 2).mean().item()) for i in range(2)]
+    loss = reconstruction_loss("psnr", image, decoded)
+    assert loss.item() == pytest.approx(mean(per_image), abs=1e-3)
+    assert reconstruction_loss("psnr", image, image).item() == pytest.approx(-100, abs=1e-3)  # capped, finite
+    # every image counts in decibels: the good image gets a share of the gradient that MSE would not give it
+    for kind in ("psnr", "mse"):
+        d = decoded.clone().requires_grad_(True)
+        reconstruction_loss(kind, image, d).backward()
+        share = (d.grad[0].norm() / d.grad[1].norm()).item()
+        assert share > 1 if kind == "psnr" else share < 0.1, (kind, share)
 
 
 def test_lr_schedule_warms_up_then_decays():
