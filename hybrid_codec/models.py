@@ -31,8 +31,8 @@ class CodecConfig:
     latent_space: str = "native"  # "native", or "sd": the raw (unscaled) Stable Diffusion VAE latent space
     latent_channels: int = 4
     downscale: int = 8  # encoder kernel and stride, decoder PixelShuffle factor
-    encoder_hidden: int = 12
-    decoder_hidden: int = 16
+    encoder_hidden: int = 14
+    decoder_hidden: int = 22
     decoder_kernel: int = 3
 
     def __post_init__(self) -> None:

@@ -61,7 +61,7 @@ class TrainOptions(RunFiles):
     loss: str = "mse"
     ema: float = 0.999  # EMA decay of the weights; 0 turns the EMA off
     clip: float = 1.0  # gradient-norm clipping; 0 turns it off
-    min_scale: float = 0.5  # crops are shown at scales from min_scale to 1
+    min_scale: float = 0.25  # crops are shown at scales from min_scale to 1
     val_dir: Path | None = None
     val_every: int = 1000
     val_limit: int = 0  # validate on the first N images only (0: all)
