@@ -82,8 +82,9 @@ def test_vectorized_dynamic_conv_matches_loop_reference(in_ch, out_ch, k, stride
 @pytest.mark.parametrize("train", [False, True], ids=["eval-bn", "train-bn"])
 def test_chunked_evaluation_matches_loop_reference(monkeypatch, train):
     """Big inputs run in chunks of patches in eval mode; chunking must not change the result."""
-    monkeypatch.setattr(layers, "EVAL_CHUNK", 7)  # 2 x 6 x 5 = 60 patches: 9 chunks, the last one short
     layer = random_layer(3, 4, 3, 1, "same", seed=5).train(train)
+    # 7 patches per chunk: 2 x 6 x 5 = 60 patches make 9 chunks, the last one short
+    monkeypatch.setattr(layers, "EVAL_CHUNK_VALUES", 7 * layer.out_channels * layer.hidden)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     mlps = predictors(layer)
     torch.testing.assert_close(layer(x), loop_dynamic_conv(layer, x, mlps), rtol=0, atol=1e-6)
