@@ -172,20 +172,25 @@ class DynamicConv(nn.Module):
         return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B * L, C * k * k): every window, channel-first, in `F.unfold` order."""
-        k = self.kernel_size
-        if k == self.stride and self.padding == 0:  # non-overlapping windows: a reshape, no im2col
-            batch, channels, height, width = x.shape
-            out_h, out_w = height // k, width // k
-            x = x[:, :, : out_h * k, : out_w * k].reshape(batch, channels, out_h, k, out_w, k)
-            return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, self.patch_size)
-        patches = F.unfold(x, k, padding=self.padding, stride=self.stride)  # (B, P, L)
-        return patches.transpose(1, 2).reshape(-1, self.patch_size)
+        """(B, C, H, W) -> (B * L, C * k * k + 1): every window, channel-first in `F.unfold` order,
+        and a constant 1 that the biases multiply. One copy: no im2col buffer, no padding pass."""
+        batch, channels, height, width = x.shape
+        k, p = self.kernel_size, self.patch_size
+        out_h, out_w = self.output_size(height, width)
+        out = x.new_empty(batch * out_h * out_w, p + 1)
+        out[:, p] = 1.0
+        if k == self.stride and self.padding == 0:  # non-overlapping windows: a strided view
+            windows = x[:, :, : out_h * k, : out_w * k].reshape(batch, channels, out_h, k, out_w, k)
+            out[:, :p].view(batch, out_h, out_w, channels, k, k).copy_(windows.permute(0, 2, 4, 1, 3, 5))
+        else:
+            windows = F.unfold(x, k, padding=self.padding, stride=self.stride)  # (B, P, L)
+            out[:, :p].view(batch, -1, p).copy_(windows.transpose(1, 2))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
         out_h, out_w = self.output_size(height, width)
-        patches = F.pad(self.patches(x), (0, 1), value=1.0)  # (N, P + 1): a constant 1 for the biases
+        patches = self.patches(x)  # (N, P + 1)
         weights = self.fused_weights()
         if self.training:
             out = self.mix(patches, *weights)

@@ -137,6 +137,19 @@ def test_every_dynamic_conv_parameter_gets_a_gradient():
         assert param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, "same"), (4, 4, 0), (3, 2, 1)], ids=["same", "windows", "unfold"])
+def test_dynamic_conv_input_gradient_matches_loop_reference(k, stride, padding):
+    """The decoder's input is the encoder's output: training needs the gradient through the patches."""
+    layer = random_layer(2, 3, k, stride, padding, hidden=4).eval()
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    x_loop = x.detach().clone().requires_grad_()
+    weights = torch.randn_like(layer(x))
+    (layer(x) * weights).sum().backward()
+    (loop_dynamic_conv(layer, x_loop) * weights).sum().backward()
+    assert x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, x_loop.grad, rtol=0, atol=1e-9)
+
+
 def test_dynamic_conv_gradients_match_loop_reference():
     layer = random_layer(2, 3, 3, 1, "same", hidden=4).eval()
     x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
