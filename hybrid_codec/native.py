@@ -1,0 +1,113 @@
+"""The compiled CPU kernel for DynamicConv's inference forward, and when it runs.
+
+`_native.c` does in one pass over the patches what PyTorch does in about twenty: both HybridDense
+activations, the second dense layer and the kernel products (see its top comment). It is built
+with the package where a C compiler is present, and runs on x86-64 CPUs with AVX-512. It serves
+float32 CPU inference only: training, float64, other devices, tracing and export (ONNX,
+`torch.compile`) take the PyTorch path, which is also the reference the tests hold it to.
+`HYBRID_CODEC_NATIVE=0` in the environment turns it off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+try:
+    from . import _native
+except ImportError:  # built without a C compiler: PyTorch does the work
+    _native = None
+
+if TYPE_CHECKING:
+    from .layers import DynamicConv
+
+BLOCK = 64
+"""Patches per kernel task (four AVX-512 vectors); the kernel takes a multiple of it."""
+
+CHUNK_VALUES = 2**20
+"""Values of the matrix product's output per chunk of patches (4 MB, about 128 patches for the
+decoder, the whole image for the encoder): the kernel reads it while it is still in the CPU's
+cache. Measured on the 2-core test machine, 128-patch chunks decode 15-20% faster than 512."""
+
+
+def available() -> bool:
+    """Whether the kernel was built, this CPU has AVX-512, and HYBRID_CODEC_NATIVE is not 0."""
+    return _native is not None and bool(_native.AVX512) and os.environ.get("HYBRID_CODEC_NATIVE", "1") != "0"
+
+
+def serves(layer: DynamicConv, patches: torch.Tensor) -> bool:
+    """Whether `mix` runs this forward: float32 CPU inference, nothing recording the graph."""
+    return (
+        available()
+        and patches.device.type == "cpu"
+        and patches.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and layer.hidden <= _native.MAX_HIDDEN
+        and min(layer.dense1.eps, layer.dense2.eps) > 0
+        and (_native.OPENMP or torch.get_num_threads() == 1)  # a one-thread kernel would lose to PyTorch
+        and bool(layer.dense1.scale.all() and layer.dense2.scale.all())  # 0 * inf is NaN there, 0 in PyTorch
+    )
+
+
+def mix(
+    layer: DynamicConv, patches: torch.Tensor, weight: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    """What `layer.mix` gives in eval mode, for all (N, P + 1) patches at once -> (O, N).
+
+    `weight`, `w2`, `b2` are `layer.fused_weights()`, with both BatchNorms folded in.
+    """
+    from .layers import POWER_RANGE  # not at the top: layers imports this module
+
+    o, h = layer.out_channels, layer.hidden
+    d1, d2 = layer.dense1, layer.dense2
+    p1, p2 = (d.power.reshape(o, h).clamp(*POWER_RANGE) for d in (d1, d2))
+    s1, s2 = (d.scale.reshape(o, h).abs().log2() for d in (d1, d2))  # log2 |scale|, finite (serves)
+    p1, s1, w2, b2, p2, s2 = (t.float().contiguous() for t in (p1, s1, w2, b2, p2, s2))
+    if w2.shape != (o, h, h) or b2.numel() != o * h or weight.shape != (2 * o * h + 2 * o, patches.shape[1]):
+        raise ValueError(f"native.mix: weights {tuple(weight.shape)}, {tuple(w2.shape)} do not fit the layer")
+    total = patches.shape[0]
+    if total % BLOCK:  # the kernel takes whole blocks; the extra rows are computed and dropped
+        patches = torch.cat([patches, patches.new_zeros(BLOCK - total % BLOCK, patches.shape[1])])
+    chunk = max(1, round(CHUNK_VALUES / weight.shape[0] / BLOCK)) * BLOCK
+    out = patches.new_empty(o, patches.shape[0])
+    for start in range(0, patches.shape[0], chunk):
+        part = patches[start : start + chunk]
+        linear = (weight @ part.T).contiguous()  # (2*O*H + 2*O, n), rows in the order the kernel reads
+        _native.mix(
+            linear.data_ptr(),
+            out[:, start:].data_ptr(),
+            out.stride(0),
+            o,
+            h,
+            part.shape[0],
+            p1.data_ptr(),
+            s1.data_ptr(),
+            d1.eps,
+            w2.data_ptr(),
+            b2.data_ptr(),
+            p2.data_ptr(),
+            s2.data_ptr(),
+            d2.eps,
+            1.0 / layer.patch_size,
+            torch.get_num_threads(),
+        )
+    return out[:, :total]
+
+
+def activation(lin: torch.Tensor, power: float, scale: float, eps: float) -> torch.Tensor:
+    """The kernel's HybridDense activation of a float32 CPU tensor, one power and (non-zero) scale for all."""
+    from .layers import POWER_RANGE
+
+    if scale == 0:
+        raise ValueError("the kernel takes non-zero scales only (the layer falls back to PyTorch for 0)")
+    flat = lin.detach().to("cpu", torch.float32).reshape(-1)
+    padded = torch.cat([flat, flat.new_zeros(-flat.numel() % BLOCK)])
+    out = torch.empty_like(padded)
+    power = min(max(power, POWER_RANGE[0]), POWER_RANGE[1])
+    _native.activation(padded.data_ptr(), out.data_ptr(), padded.numel(), power, math.log2(abs(scale)), eps)
+    return out[: flat.numel()].view_as(lin)
