@@ -42,11 +42,13 @@ def serves(layer: DynamicConv, patches: torch.Tensor) -> bool:
     """Whether `mix` runs this forward: float32 CPU inference, nothing recording the graph."""
     return (
         available()
+        and not layer.training
         and patches.device.type == "cpu"
         and patches.dtype == torch.float32
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
         and layer.hidden <= _native.MAX_HIDDEN
         and min(layer.dense1.eps, layer.dense2.eps) > 0
         and (_native.OPENMP or torch.get_num_threads() == 1)  # a one-thread kernel would lose to PyTorch

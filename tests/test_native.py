@@ -1,0 +1,181 @@
+"""The compiled kernel (hybrid_codec/_native.c) against the PyTorch path it replaces at inference."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from test_layers import random_layer
+
+from hybrid_codec import native
+from hybrid_codec.layers import hybrid_activation
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason="the kernel is not built or this CPU has no AVX-512")
+
+
+def pytorch_only(monkeypatch) -> None:
+    monkeypatch.setenv("HYBRID_CODEC_NATIVE", "0")
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="built on x86-64 Linux"
+)
+def test_the_kernel_is_built_on_x86_64_linux():
+    """The install compiles it here; a silent fall back to PyTorch would hide a broken build."""
+    assert native._native is not None
+    assert native._native.OPENMP
+
+
+# (in, out, kernel, stride, padding, H, W, hidden): the decoder's and encoder's geometries, ragged
+# patch counts (not multiples of the kernel's 64-patch blocks), hidden sizes from 1 to the maximum
+GEOMETRIES = [
+    pytest.param(4, 24, 3, 1, "same", 9, 13, 22, id="decoder-like"),
+    pytest.param(3, 4, 8, 8, 0, 40, 72, 14, id="encoder-like"),
+    pytest.param(3, 4, 8, 8, 0, 19, 21, 3, id="encoder-ragged"),
+    pytest.param(2, 3, 5, 2, 1, 17, 23, 1, id="k5-s2-hidden1"),
+    pytest.param(4, 2, 3, 1, "same", 16, 8, 64, id="hidden64"),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_ch,out_ch,k,stride,padding,height,width,hidden", GEOMETRIES)
+def test_kernel_matches_the_pytorch_path(monkeypatch, in_ch, out_ch, k, stride, padding, height, width, hidden):
+    layer = random_layer(in_ch, out_ch, k, stride, padding, hidden=hidden, seed=hidden).float().eval()
+    x = torch.randn(2, in_ch, height, width, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert native.serves(layer, layer.patches(x))
+        got = layer(x)
+        pytorch_only(monkeypatch)
+        expected = layer(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@needs_kernel
+def test_kernel_output_does_not_depend_on_thread_count():
+    layer = random_layer(4, 24, 3, 1, "same", hidden=22).float().eval()
+    x = torch.randn(1, 4, 20, 30, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_chunks_do_not_change_the_output(monkeypatch):
+    layer = random_layer(4, 6, 3, 1, "same", hidden=5).float().eval()
+    x = torch.randn(1, 4, 30, 31, generator=torch.Generator().manual_seed(5))  # 930 patches
+    with torch.inference_mode():
+        whole = layer(x)
+        monkeypatch.setattr(native, "CHUNK_VALUES", 64 * (2 * 6 * 5 + 2 * 6))  # 64 patches a chunk: 15 chunks
+        assert torch.equal(layer(x), whole)
+
+
+EDGES = [float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e30, 0.0, -0.0, 1e-40, -1e-40, 1e-6, 0.5, 2.0, -3.0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("power,scale", [(1.0, 1.0), (0.25, 2.0), (4.0, 1.0), (4.0, -0.5), (2.7, 1e-3), (0.1, 9.0)])
+def test_activation_matches_pytorch_on_edge_values(power, scale):
+    """NaN -> 0, overflow -> the largest float with the input's sign, powers clamped, like the formula."""
+    x = torch.tensor(EDGES + torch.randn(50, generator=torch.Generator().manual_seed(6)).mul(30).tolist())
+    got = native.activation(x, power, scale, 1e-6)
+    expected = hybrid_activation(x, torch.tensor(power), torch.tensor(scale), 1e-6)
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=0)
+    assert torch.equal(torch.signbit(got), torch.signbit(expected))
+
+
+@needs_kernel
+def test_activation_relative_error_over_the_whole_range():
+    """Every float from 1e-30 to 1e30 and back, each power: within 2e-6 of float64's exact value."""
+    x = torch.logspace(-30, 30, 20000, dtype=torch.float64)
+    x = torch.cat([x, -x, torch.rand(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 4])
+    for power in (0.25, 0.6, 1.0, 1.9, 3.3, 4.0):
+        exact = hybrid_activation(
+            x, torch.tensor(power, dtype=torch.float64), torch.tensor(1.3, dtype=torch.float64), 1e-6
+        )
+        finite = exact.abs() < 3e38
+        got = native.activation(x.float(), power, 1.3, 1e-6).double()
+        relative = ((got - exact).abs() / exact.abs())[finite]
+        assert relative.max() < 2e-6, (power, relative.max().item())
+
+
+@needs_kernel
+def test_zero_scale_is_left_to_pytorch():
+    layer = random_layer(4, 6, 3, 1, "same").float().eval()
+    with torch.no_grad():
+        layer.dense2.scale[0, 0] = 0.0
+    with torch.inference_mode():
+        assert not native.serves(layer, layer.patches(torch.rand(1, 4, 5, 5)))
+    with pytest.raises(ValueError, match="non-zero"):
+        native.activation(torch.ones(3), 1.0, 0.0, 1e-6)
+
+
+@needs_kernel
+def test_training_gradients_float64_and_off_switch_take_the_pytorch_path(monkeypatch):
+    layer = random_layer(4, 6, 3, 1, "same").float().eval()
+    patches = layer.patches(torch.rand(1, 4, 5, 5))
+    with torch.inference_mode():
+        assert native.serves(layer, patches)
+        assert not native.serves(layer, patches.double())
+        assert not native.serves(layer.train(), patches)
+        monkeypatch.setenv("HYBRID_CODEC_NATIVE", "0")
+        assert not native.serves(layer.eval(), patches)
+    assert not native.serves(layer, patches)  # gradients are on
+
+
+@needs_kernel
+@pytest.mark.parametrize("record", ["export", "trace"])
+def test_export_and_tracing_take_the_pytorch_path_and_match(record):
+    """Export (ONNX, torch.export, TorchScript) records PyTorch operators: the kernel stays out of the graph."""
+    layer = random_layer(4, 6, 3, 1, "same", hidden=4).float().eval()
+    x = torch.randn(1, 4, 7, 9, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated, still used by some
+        if record == "export":
+            recorded = torch.export.export(layer, (x,)).module()
+            code = recorded.code
+        else:
+            recorded = torch.jit.trace(layer, x)
+            code = str(recorded.graph)
+        torch.testing.assert_close(recorded(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert "log" in code and "exp" in code
+
+
+@needs_kernel
+def test_kernel_refuses_sizes_it_cannot_take():
+    buffer = torch.zeros(1024)
+    ptr = buffer.data_ptr()
+    with pytest.raises(ValueError, match="sizes"):  # 10 patches: not whole 64-patch blocks
+        native._native.mix(ptr, ptr, 10, 1, 1, 10, ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
+    with pytest.raises(ValueError, match="sizes"):  # more hidden features than its buffers hold
+        native._native.mix(ptr, ptr, 64, 1, 65, 64, ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
+
+
+@needs_kernel
+def test_codec_output_with_and_without_the_kernel(monkeypatch):
+    """The shipped codec: the same latent codes, and decoded pixels at most one level apart."""
+    from skimage.data import astronaut
+
+    from hybrid_codec import load_codec
+
+    codec = load_codec(device="cpu")
+    image = astronaut()[:200, :240]
+    latent = codec.encode(image)
+    decoded = np.asarray(codec.decode(latent), dtype=int)
+    pytorch_only(monkeypatch)
+    reference_latent = codec.encode(image)
+    reference = np.asarray(codec.decode(latent), dtype=int)
+    assert (latent.codes != reference_latent.codes).float().mean() < 1e-3
+    assert np.abs(decoded - reference).max() <= 1
+    assert (decoded != reference).mean() < 1e-3
