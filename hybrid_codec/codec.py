@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import CodecError
-from .images import ImageLike, image_to_tensor, tensor_to_image
+from .images import ImageLike, image_to_pixels, image_to_tensor, tensor_to_image
 from .latent import Latent
+from .layers import DynamicConv
 from .models import Autoencoder
 from .quantize import dequantize, quantize
 from .runtime import check_device
@@ -31,6 +32,9 @@ class Codec:
         self.config = model.config
         self.name = model.config.name
         self.weights_hash = model.weights_hash()
+        for layer in self.model.modules():  # the weights are fixed from here on: latent files name their hash
+            if isinstance(layer, DynamicConv):
+                layer.freeze()
 
     @staticmethod
     def prepare(image: ImageLike) -> torch.Tensor:
@@ -39,14 +43,15 @@ class Codec:
 
     @torch.inference_mode()
     def encode_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1], any H and W -> float latents (B, 4, ceil(H/8), ceil(W/8)).
+        """(B, 3, H, W) float in [0, 1] or uint8 in [0, 255], any H and W -> float latents
+        (B, 4, ceil(H/8), ceil(W/8)).
 
         Sizes that are not multiples of 8 are padded by repeating the last row and column.
         """
         f = self.config.downscale
         height, width = images.shape[-2:]
         pad_h, pad_w = -height % f, -width % f
-        images = images.to(self.device, torch.float32)
+        images = images.to(self.device, torch.uint8 if images.dtype == torch.uint8 else torch.float32)
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
         return self.model.encoder(images)
@@ -72,7 +77,7 @@ class Codec:
         A (B, 3, H, W) tensor is a batch, and gives a list even when B is 1.
         """
         batched = isinstance(image, torch.Tensor) and image.dim() == 4
-        images = self.prepare(image)
+        images = image_to_pixels(image)  # 8-bit images stay 8-bit: the encoder reads them directly
         codes, low, step = quantize(self.encode_tensor(images))
         latents = [
             Latent(

@@ -68,13 +68,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def image_to_tensor(image: ImageLike) -> torch.Tensor:
     """Path, PIL image, HxW(x3/4) uint8 array or (3, H, W) / (B, 3, H, W) float tensor -> (B, 3, H, W) in [0, 1]."""
+    pixels = image_to_pixels(image)
+    return pixels if pixels.is_floating_point() else pixels.float().div_(255.0)  # float keeps the HWC layout
+
+
+def image_to_pixels(image: ImageLike) -> torch.Tensor:
+    """Like `image_to_tensor`, but a path, PIL image or array stays 8-bit: (1, 3, H, W) uint8, a view
+    of the decoded HxWx3 pixels without a copy. Tensors come back as checked (B, 3, H, W) floats."""
     if isinstance(image, (str, os.PathLike)):
         image = open_image(image)
     if isinstance(image, Image.Image):
         check_size(*image.size)
         image = np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):
-        return array_to_tensor(image)  # from 8 or 16 bits: finite and in [0, 1] already
+        return torch.from_numpy(rgb_array(image)).permute(2, 0, 1).unsqueeze(0)
     if not isinstance(image, torch.Tensor):
         raise CodecError(f"cannot encode a {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
     if image.dim() == 3:
@@ -89,7 +96,8 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
     return image.clamp(0, 1)
 
 
-def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+def rgb_array(array: np.ndarray) -> np.ndarray:
+    """HxW, HxWx1, HxWx3 or HxWx4 uint8 (or uint16) -> HxWx3 uint8."""
     # dtype and size first: the RGBA path below goes through uint8, which would hide a float or 16-bit array
     if array.ndim < 2:
         raise CodecError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
@@ -106,8 +114,9 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
         array = array.repeat(3, axis=-1)
     if array.shape[-1] == 4:
         array = np.asarray(to_rgb(Image.fromarray(np.ascontiguousarray(array), "RGBA")))
-    # convert while still height x width x 3 (contiguous, fast), then permute as a view
-    return torch.from_numpy(np.array(array, np.float32)).div_(255.0).permute(2, 0, 1).unsqueeze(0)
+    if not array.flags.writeable:  # Pillow's arrays are read-only; torch wants to own writable memory
+        array = array.copy()
+    return array
 
 
 def tensor_to_image(image: torch.Tensor) -> Image.Image:

@@ -168,32 +168,65 @@ class DynamicConv(nn.Module):
         self.kernel_weight = nn.Parameter(torch.empty(out_channels, patch, hidden).uniform_(-bound, bound))
         self.kernel_bias = nn.Parameter(torch.empty(out_channels, patch).uniform_(-bound, bound))
         self.similar_conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see `freeze`
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         k, s, p = self.kernel_size, self.stride, self.padding
         return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
 
-    def patches(self, x: torch.Tensor) -> torch.Tensor:
+    def patches(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """(B, C, H, W) -> (B * L, C * k * k + 1): every window, channel-first in `F.unfold` order,
-        and a constant 1 that the biases multiply. One copy: no im2col buffer, no padding pass."""
+        and a constant 1 that the biases multiply. One copy: no im2col buffer, no padding pass.
+        Integer input (8-bit images) comes out in the layer's own float type.
+
+        `channels_last` (non-overlapping windows of a channels-last x, see `reads_channels_last`)
+        flattens each window (ky, kx, c) instead: the order it lies in memory, so the copy moves
+        whole rows of k * C values. `forward` reorders the weights to match.
+        """
         batch, channels, height, width = x.shape
         k, p = self.kernel_size, self.patch_size
         out_h, out_w = self.output_size(height, width)
-        out = x.new_empty(batch * out_h * out_w, p + 1)
+        dtype = x.dtype if x.is_floating_point() else self.similar_conv.weight.dtype
+        out = x.new_empty(batch * out_h * out_w, p + 1, dtype=dtype)
         out[:, p] = 1.0
-        if k == self.stride and self.padding == 0:  # non-overlapping windows: a strided view
+        if channels_last:
+            pixels = x.permute(0, 2, 3, 1).to(out.dtype)[:, : out_h * k, : out_w * k]  # (B, H, W, C)
+            windows = pixels.reshape(batch, out_h, k, out_w, k * channels).transpose(2, 3)
+            out[:, :p].view(batch, out_h, out_w, k, k * channels).copy_(windows)
+        elif k == self.stride and self.padding == 0:  # non-overlapping windows: a strided view
             windows = x[:, :, : out_h * k, : out_w * k].reshape(batch, channels, out_h, k, out_w, k)
             out[:, :p].view(batch, out_h, out_w, channels, k, k).copy_(windows.permute(0, 2, 4, 1, 3, 5))
         else:
-            windows = F.unfold(x, k, padding=self.padding, stride=self.stride)  # (B, P, L)
+            windows = F.unfold(x.to(out.dtype), k, padding=self.padding, stride=self.stride)  # (B, P, L)
             out[:, :p].view(batch, -1, p).copy_(windows.transpose(1, 2))
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reads_channels_last(self, x: torch.Tensor) -> bool:
+        """Whether `forward` reads x's windows in memory order: non-overlapping windows of a
+        channels-last x, such as an HxWx3 image array seen as (1, 3, H, W)."""
+        return (
+            self.kernel_size == self.stride
+            and self.padding == 0
+            and x.shape[1] > 1
+            and x.permute(0, 2, 3, 1).is_contiguous()
+            and not x.is_contiguous()
+        )
+
+    def forward(self, x: torch.Tensor, input_scale: float = 1.0) -> torch.Tensor:
+        """(B, C, H, W) -> (B, O, H', W'). The layer reads `x * input_scale`: the scale is folded
+        into the first matrix product, so 8-bit images need no float copy of their own."""
         batch, _, height, width = x.shape
         out_h, out_w = self.output_size(height, width)
-        patches = self.patches(x)  # (N, P + 1)
+        channels_last = self.reads_channels_last(x)
+        patches = self.patches(x, channels_last)  # (N, P + 1)
         weights = self.fused_weights()
+        if input_scale != 1.0 or channels_last:  # every row of the fused matrix is linear in the patch
+            weight, w2, b2 = weights
+            if channels_last:  # columns (c, ky, kx) -> (ky, kx, c), as `patches` flattened them
+                c, k = self.in_channels, self.kernel_size
+                order = torch.arange(self.patch_size, device=weight.device).view(c, k, k).permute(1, 2, 0).flatten()
+                weight = weight[:, torch.cat([order, order.new_tensor([self.patch_size])])]
+            weights = (torch.cat([weight[:, :-1] * input_scale, weight[:, -1:]], dim=1), w2, b2)
         if self.training:
             out = self.mix(patches, *weights)
         elif native.serves(self, patches):  # float32 CPU inference: the compiled kernel
@@ -202,6 +235,29 @@ class DynamicConv(nn.Module):
             chunk = max(1, EVAL_CHUNK_VALUES // (self.out_channels * self.hidden))
             out = torch.cat([self.mix(part, *weights) for part in patches.split(chunk)], dim=1)
         return out.view(self.out_channels, batch, out_h, out_w).transpose(0, 1)
+
+    def freeze(self) -> None:
+        """Compute the eval-mode `fused_weights` once and reuse them in every inference forward.
+
+        For weights that no longer change: `Codec` freezes its model, whose weights' hash it has
+        already written into latent files. `train()` and moving the layer (`to`, `float`, ...)
+        unfreeze it; changing parameters in place while frozen is not seen.
+        """
+        with torch.no_grad():
+            training = self.training
+            self.training = False
+            self.frozen = None
+            self.frozen = self.fused_weights()
+            self.training = training
+
+    def train(self, mode: bool = True) -> DynamicConv:
+        if mode:
+            self.frozen = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # to(), float(), cuda(), ...: the copy would be stale
+        self.frozen = None
+        return super()._apply(fn, recurse)
 
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything linear in the patch as one (2*O*H + 2*O, P + 1) matrix, and dense2's weights.
@@ -214,6 +270,8 @@ class DynamicConv(nn.Module):
         the (N, O, P) predicted kernels are never built. In eval mode both BatchNorms are affine
         maps and are folded into the weights after them.
         """
+        if self.frozen is not None and not self.training and not torch.is_grad_enabled():
+            return self.frozen
         o, h, p = self.out_channels, self.hidden, self.patch_size
         projection = self.kernel_weight.transpose(1, 2)  # (O, H, P)
         kernel_bias, w2, b2 = self.kernel_bias, self.dense2.weight, self.dense2.bias

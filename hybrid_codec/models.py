@@ -67,7 +67,10 @@ class CodecConfig:
 
 
 class Encoder(nn.Module):
-    """RGB in [0, 1], (B, 3, H, W) with H and W multiples of 8 -> latent (B, 4, H/8, W/8)."""
+    """RGB (B, 3, H, W) with H and W multiples of 8 -> latent (B, 4, H/8, W/8).
+
+    The image is float in [0, 1], or uint8 in [0, 255] as read from a file (the faster path).
+    """
 
     def __init__(self, config: CodecConfig, kernel_init_scale: float = 1.0) -> None:
         super().__init__()
@@ -77,7 +80,7 @@ class Encoder(nn.Module):
         )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.conv(image)
+        return self.conv(image, input_scale=1 / 255) if image.dtype == torch.uint8 else self.conv(image)
 
 
 class Decoder(nn.Module):

@@ -73,10 +73,24 @@ def test_every_input_kind_gives_the_same_latent(codec, tmp_path):
     Image.fromarray(rgb).save(tmp_path / "img.png")
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     reference = codec.encode(rgb)
-    for source in (tmp_path / "img.png", str(tmp_path / "img.png"), Image.fromarray(rgb), tensor):
+    for source in (tmp_path / "img.png", str(tmp_path / "img.png"), Image.fromarray(rgb)):  # all 8-bit
         latent = codec.encode(source)
         assert torch.equal(latent.codes, reference.codes)
         assert torch.equal(latent.low, reference.low) and torch.equal(latent.step, reference.step)
+    # a float tensor takes the float path: x / 255 is rounded before the product, not folded into it
+    latent = codec.encode(tensor)
+    assert torch.equal(latent.codes, reference.codes)
+    torch.testing.assert_close(latent.low, reference.low, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(latent.step, reference.step, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["kernel", "pytorch"])
+def test_uint8_tensor_encodes_like_its_float_version(codec, monkeypatch, native):
+    """8-bit pixels are read as x / 255 by folding 1/255 into the weights: the same latents."""
+    monkeypatch.setenv("HYBRID_CODEC_NATIVE", native)
+    pixels = torch.from_numpy(smooth_image(37, 29, seed=6)).permute(2, 0, 1)[None]
+    got, expected = codec.encode_tensor(pixels), codec.encode_tensor(pixels.float() / 255)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_grayscale_array_encodes_like_gray_rgb(codec):

@@ -90,6 +90,20 @@ def test_chunked_evaluation_matches_loop_reference(monkeypatch, train):
     torch.testing.assert_close(layer(x), loop_dynamic_conv(layer, x, mlps), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval-bn", "train-bn"])
+def test_channels_last_and_eight_bit_inputs_match_the_plain_input(train):
+    """An HxWx3 array seen as (1, 3, H, W) is read in memory order, the weights reordered to match;
+    uint8 input is read as x / 255 with the scale folded into the weights."""
+    layer = random_layer(3, 4, 8, 8, 0, seed=9).train(train)
+    pixels = torch.randint(0, 256, (2, 24, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    channels_last = pixels.permute(0, 3, 1, 2)  # a view, as the codec makes of an image array
+    assert layer.reads_channels_last(channels_last) and not layer.reads_channels_last(channels_last.contiguous())
+    expected = loop_dynamic_conv(layer, channels_last.double() / 255)
+    torch.testing.assert_close(layer(channels_last.double() / 255), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(layer(channels_last, input_scale=1 / 255), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(layer(channels_last.contiguous(), input_scale=1 / 255), expected, rtol=0, atol=1e-9)
+
+
 def test_loop_reference_is_not_trivially_equal_to_similar_conv():
     """Guards the equivalence test: the dynamic part must contribute to the output."""
     layer = random_layer(3, 4, 3, 1, "same").eval()
@@ -347,3 +361,31 @@ def test_hybrid_dense_nan_input_gives_zero_not_nan():
     x = torch.tensor([[float("nan"), 0.0, 1.0]], dtype=torch.float64)
     out = dense(x)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_frozen_layer_gives_the_same_output_and_unfreezes_on_train_and_moves():
+    layer = random_layer(4, 3, 3, 1, "same", seed=11).float().eval()
+    x = torch.randn(1, 4, 6, 7, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        before = layer(x)
+        layer.freeze()
+        assert layer.frozen is not None
+        assert torch.equal(layer(x), before)
+        layer.train()
+        assert layer.frozen is None
+        layer.eval().freeze()
+        layer.double()  # a move makes new weights: the frozen copy would be stale
+        assert layer.frozen is None
+        torch.testing.assert_close(layer(x.double()), before.double(), rtol=1e-5, atol=1e-5)
+        layer.freeze()
+        layer.train()
+        layer.dense1.bias.add_(1.0)  # what training does while unfrozen is seen after eval()
+        assert not torch.allclose(layer.eval()(x.double()), before.double())
+
+
+def test_frozen_weights_are_not_used_for_training_or_gradients():
+    layer = random_layer(4, 3, 3, 1, "same", seed=13).eval()
+    layer.freeze()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()  # gradients on: fused from the live parameters
+    assert layer.dense1.weight.grad is not None and layer.dense1.weight.grad.abs().sum() > 0
