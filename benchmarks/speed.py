@@ -1,110 +1,152 @@
 """Encode/decode speed of the codec vs. the per-channel loop reference and Pillow JPEG, in one run.
 
-    python benchmarks/speed.py [--image samples/astronaut.png] [--model native] [--repeats 7] [--profile]
+    python benchmarks/speed.py [--image samples/astronaut.png] [--model native] [--rounds 9] [--profile]
 
-The image is resized to 768x512. "encode" is PIL image -> latent file bytes; "decode" is latent
+The image is resized to 768x512. "encode" is image -> latent file bytes and "decode" is latent
 file bytes -> PIL image: both include quantization, compression and the container, as JPEG's
-times include its entropy coding. The loop reference runs the same weights through
-`tests/loop_reference.py` (one Python loop iteration per output channel). `--profile` also prints
-where one decode spends its time, per PyTorch operator.
+times include its entropy coding. The codec encodes the image's HxWx3 uint8 array (its native
+input, as a PIL image is Pillow's); "from a PIL image" adds Pillow's export of the pixels
+(`np.asarray(image)`, about 1.3 ms here, paid inside Pillow by its JPEG encoder too).
+
+Rows: the codec with its compiled kernel (`hybrid_codec/native.py`; on CPUs without AVX-512 it
+is absent), the same with PyTorch only (HYBRID_CODEC_NATIVE=0), the loop reference (the same
+weights through `tests/loop_reference.py`, one Python loop iteration per output channel) and
+Pillow JPEG at quality 20. The contenders run in interleaved rounds, each job once untimed and
+once timed per round, and each figure is the median over the rounds: this machine's speed drifts
+by up to a third within minutes, and interleaving keeps that drift out of the ratios. `--profile` also prints
+where one decode spends its time, per PyTorch operator (the kernel shows as its caller).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hybrid_codec import Latent, load_codec  # noqa: E402
+from hybrid_codec import Latent, load_codec, native  # noqa: E402
 from hybrid_codec.layers import DynamicConv  # noqa: E402
 from hybrid_codec.runtime import keep_freed_memory  # noqa: E402
 from tests.loop_reference import loop_dynamic_conv, predictors  # noqa: E402
 
 
-def median_ms(job, repeats: int) -> float:
-    job()  # warm-up
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        job()
-        times.append((time.perf_counter() - begin) * 1000)
-    return statistics.median(times)
+def timed(job) -> float:
+    begin = time.perf_counter()
+    job()
+    return (time.perf_counter() - begin) * 1000
 
 
-def codec_times(codec, image: Image.Image, repeats: int) -> tuple[float, float]:
-    data = codec.encode(image).to_bytes()
-    encode = median_ms(lambda: codec.encode(image).to_bytes(), repeats)
-    decode = median_ms(lambda: codec.decode(Latent.from_bytes(data)), repeats)
-    return encode, decode
+def pytorch_only(job):
+    """The job with the compiled kernel switched off."""
+
+    def run():
+        os.environ["HYBRID_CODEC_NATIVE"] = "0"
+        try:
+            return job()
+        finally:
+            del os.environ["HYBRID_CODEC_NATIVE"]
+
+    return run
 
 
-def print_decode_profile(codec, image: Image.Image) -> None:
+def print_decode_profile(codec, data: bytes) -> None:
     """The operators one decode spends its time in: the speed work starts from this table."""
     from torch.profiler import ProfilerActivity, profile
 
-    data = codec.encode(image).to_bytes()
     codec.decode(Latent.from_bytes(data))  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         codec.decode(Latent.from_bytes(data))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def use_loop_reference(codec) -> None:
-    """Swap every DynamicConv's forward for the per-channel loop, same weights."""
+def loop_reference(codec):
+    """The same codec with every DynamicConv's forward swapped for the per-channel loop."""
+    codec = load_codec(codec.name, device="cpu")
     for layer in codec.model.modules():
         if isinstance(layer, DynamicConv):
             layer.forward = partial(loop_dynamic_conv, layer, mlps=predictors(layer))
-
-
-def jpeg_times(image: Image.Image, quality: int, repeats: int) -> tuple[float, float, int]:
-    def encode() -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality)
-        return buffer.getvalue()
-
-    data = encode()
-    return median_ms(encode, repeats), median_ms(lambda: Image.open(io.BytesIO(data)).load(), repeats), len(data)
+    return codec
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=str(ROOT / "samples" / "astronaut.png"))
     parser.add_argument("--model", default=None)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--profile", action="store_true", help="also print the operators of one decode")
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does
 
     image = Image.open(args.image).convert("RGB").resize((768, 512), Image.BICUBIC)
+    pixels = np.asarray(image).copy()
     codec = load_codec(args.model, device="cpu")
-    print(f"image 768x512, torch {torch.__version__}, {torch.get_num_threads()} threads, model {codec.name}")
-    enc, dec = codec_times(codec, image, args.repeats)
-    if args.profile:
-        print_decode_profile(codec, image)
-    jpeg_enc, jpeg_dec, jpeg_bytes = jpeg_times(image, 20, args.repeats)
-    use_loop_reference(codec)
-    loop_enc, loop_dec = codec_times(codec, image, max(1, args.repeats // 3))
+    reference = loop_reference(codec)
+    data = codec.encode(pixels).to_bytes()
+    jpeg = io.BytesIO()
+    image.save(jpeg, format="JPEG", quality=20)
+    jpeg_data = jpeg.getvalue()
 
-    rows = [
-        ("hybrid-codec (vectorized)", enc, dec),
-        ("loop reference", loop_enc, loop_dec),
-        (f"Pillow JPEG q20 ({jpeg_bytes * 8 / (768 * 512):.2f} bpp)", jpeg_enc, jpeg_dec),
-    ]
+    def jpeg_encode() -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=20)
+        return buffer.getvalue()
+
+    contenders = {  # name: (encode, decode)
+        "hybrid-codec, compiled kernel": (
+            lambda: codec.encode(pixels).to_bytes(),
+            lambda: codec.decode(Latent.from_bytes(data)),
+        ),
+        "hybrid-codec, PyTorch only": (
+            pytorch_only(lambda: codec.encode(pixels).to_bytes()),
+            pytorch_only(lambda: codec.decode(Latent.from_bytes(data))),
+        ),
+        "hybrid-codec, from a PIL image": (lambda: codec.encode(image).to_bytes(), None),
+        "loop reference": (  # float input: the loop knows nothing of 8-bit images
+            lambda: reference.encode(torch.from_numpy(pixels).permute(2, 0, 1) / 255.0).to_bytes(),
+            lambda: reference.decode(Latent.from_bytes(data)),
+        ),
+        f"Pillow JPEG q20 ({len(jpeg_data) * 8 / (768 * 512):.2f} bpp)": (
+            jpeg_encode,
+            lambda: Image.open(io.BytesIO(jpeg_data)).load(),
+        ),
+    }
+    if not native.available():
+        del contenders["hybrid-codec, compiled kernel"]
+    times = {name: ([], []) for name in contenders}
+    for _ in range(args.rounds):
+        for name, jobs in contenders.items():
+            for job, column in zip(jobs, times[name], strict=True):
+                if job is not None:
+                    job()  # warm: the previous contender (the loop reference above all) leaves the caches cold
+                    column.append(timed(job))
+    median = {name: [statistics.median(c) if c else float("nan") for c in cols] for name, cols in times.items()}
+
+    kernel = "AVX-512 kernel" if native.available() else "no compiled kernel (PyTorch only)"
+    print(
+        f"image 768x512, torch {torch.__version__}, {torch.get_num_threads()} threads, model {codec.name}, "
+        f"{kernel}, median of {args.rounds} interleaved rounds"
+    )
     print(f"{'':34} {'encode ms':>10} {'decode ms':>10}")
-    for name, e, d in rows:
-        print(f"{name:34} {e:10.1f} {d:10.1f}")
-    print(f"decode speed-up over the loop reference: {loop_dec / dec:.1f}x (target >= 7x)")
-    print(f"encode time / JPEG encode time: {enc / jpeg_enc:.2f}x (target <= 3x)")
+    for name, (enc, dec) in median.items():
+        print(f"{name:34} {enc:10.1f} {dec:10.1f}")
+    best = next(iter(median.values()))
+    loop = median["loop reference"]
+    jpeg_name = next(name for name in median if name.startswith("Pillow"))
+    print(f"decode speed-up over the loop reference: {loop[1] / best[1]:.1f}x (target >= 7x)")
+    print(f"encode time / JPEG encode time: {best[0] / median[jpeg_name][0]:.2f}x (target <= 3x)")
+    if args.profile:
+        print_decode_profile(codec, data)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define HAVE_AVX512 1
 #include <immintrin.h>
-#define AVX512 __attribute__((target("avx512f")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl"))) /* every AVX-512 CPU but Xeon Phi */
 #else
 #define HAVE_AVX512 0
 #endif
@@ -130,7 +130,8 @@ AVX512 static void mix(const Mix *m) {
 static int has_avx512(void) {
 #if HAVE_AVX512
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
 #else
     return 0;
 #endif
@@ -166,6 +167,54 @@ static PyObject *py_mix(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Patches of non-overlapping k x k windows of 8-bit channels-last images (B, H, W, C) -> float
+   rows (B * out_h * out_w, k * k * C + 1) flattened (ky, kx, c), each ending in a constant 1:
+   what `DynamicConv.patches` makes for the encoder, without a float copy of the whole image. */
+#if HAVE_AVX512
+AVX512 static void patches_u8(const uint8_t *pixels, float *out, int64_t batch, int64_t height, int64_t width,
+                              int64_t channels, int64_t k, int64_t out_h, int64_t out_w) {
+    const int64_t row = k * channels, cols = k * row + 1, rows = batch * out_h * out_w;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < rows; n++) {
+        const int64_t b = n / (out_h * out_w), oy = n / out_w % out_h, ox = n % out_w;
+        const uint8_t *window = pixels + ((b * height + oy * k) * width + ox * k) * channels;
+        float *patch = out + n * cols;
+        for (int64_t ky = 0; ky < k; ky++) {
+            const uint8_t *src = window + ky * width * channels;
+            float *dst = patch + ky * row;
+            for (int64_t i = 0; i < row; i += 16) { /* 16 pixels' bytes -> 16 floats, the tail masked */
+                const __mmask16 lanes = row - i >= 16 ? 0xffff : (__mmask16)((1u << (row - i)) - 1);
+                const __m128i bytes = _mm_maskz_loadu_epi8(lanes, src + i);
+                _mm512_mask_storeu_ps(dst + i, lanes, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)));
+            }
+        }
+        patch[cols - 1] = 1.0f;
+    }
+}
+#endif
+
+static PyObject *py_patches_u8(PyObject *self, PyObject *args) {
+    Py_ssize_t src, dst;
+    long long batch, height, width, channels, k, out_h, out_w;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnLLLLLLL", &src, &dst, &batch, &height, &width, &channels, &k, &out_h, &out_w))
+        return NULL;
+    if (batch < 0 || channels < 1 || k < 1 || out_h < 0 || out_w < 0 || out_h * k > height || out_w * k > width) {
+        PyErr_SetString(PyExc_ValueError, "patches_u8: sizes out of range");
+        return NULL;
+    }
+    if (!has_avx512()) {
+        PyErr_SetString(PyExc_RuntimeError, "patches_u8: this CPU (or this build) has no AVX-512");
+        return NULL;
+    }
+#if HAVE_AVX512
+    Py_BEGIN_ALLOW_THREADS
+    patches_u8((const uint8_t *)src, (float *)dst, batch, height, width, channels, k, out_h, out_w);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
 /* The activation alone, over n values (a multiple of BLOCK): what the tests check edge cases on. */
 static PyObject *py_activation(PyObject *self, PyObject *args) {
     Py_ssize_t x, y;
@@ -190,6 +239,7 @@ static PyObject *py_activation(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"mix", py_mix, METH_VARARGS, "DynamicConv's eval forward after its matrix product (see native.py)."},
     {"activation", py_activation, METH_VARARGS, "The HybridDense activation of n values (see native.py)."},
+    {"patches_u8", py_patches_u8, METH_VARARGS, "Patches of 8-bit channels-last images (see native.py)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -168,7 +168,7 @@ class DynamicConv(nn.Module):
         self.kernel_weight = nn.Parameter(torch.empty(out_channels, patch, hidden).uniform_(-bound, bound))
         self.kernel_bias = nn.Parameter(torch.empty(out_channels, patch).uniform_(-bound, bound))
         self.similar_conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
-        self.frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see `freeze`
+        self.frozen: dict[tuple[bool, float], tuple[torch.Tensor, ...]] | None = None  # see `freeze`
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         k, s, p = self.kernel_size, self.stride, self.padding
@@ -187,6 +187,8 @@ class DynamicConv(nn.Module):
         k, p = self.kernel_size, self.patch_size
         out_h, out_w = self.output_size(height, width)
         dtype = x.dtype if x.is_floating_point() else self.similar_conv.weight.dtype
+        if channels_last and dtype == torch.float32 and (out := native.patches_u8(x, k)) is not None:
+            return out
         out = x.new_empty(batch * out_h * out_w, p + 1, dtype=dtype)
         out[:, p] = 1.0
         if channels_last:
@@ -219,47 +221,37 @@ class DynamicConv(nn.Module):
         out_h, out_w = self.output_size(height, width)
         channels_last = self.reads_channels_last(x)
         patches = self.patches(x, channels_last)  # (N, P + 1)
-        weights = self.fused_weights()
-        if input_scale != 1.0 or channels_last:  # every row of the fused matrix is linear in the patch
-            weight, w2, b2 = weights
-            if channels_last:  # columns (c, ky, kx) -> (ky, kx, c), as `patches` flattened them
-                c, k = self.in_channels, self.kernel_size
-                order = torch.arange(self.patch_size, device=weight.device).view(c, k, k).permute(1, 2, 0).flatten()
-                weight = weight[:, torch.cat([order, order.new_tensor([self.patch_size])])]
-            weights = (torch.cat([weight[:, :-1] * input_scale, weight[:, -1:]], dim=1), w2, b2)
+        weights = self.fused_weights(channels_last, input_scale)
         if self.training:
             out = self.mix(patches, *weights)
-        elif native.serves(self, patches):  # float32 CPU inference: the compiled kernel
-            out = native.mix(self, patches, *weights)
-        else:  # eval-mode BatchNorm is per patch, so chunks give the same result
+        else:  # float32 CPU inference: the compiled kernel, where it is built and serves this layer
+            out = native.mix(self, patches, *weights) if native.serves(self, patches) else None
+        if out is None:  # eval-mode BatchNorm is per patch, so chunks give the same result
             chunk = max(1, EVAL_CHUNK_VALUES // (self.out_channels * self.hidden))
             out = torch.cat([self.mix(part, *weights) for part in patches.split(chunk)], dim=1)
         return out.view(self.out_channels, batch, out_h, out_w).transpose(0, 1)
 
     def freeze(self) -> None:
-        """Compute the eval-mode `fused_weights` once and reuse them in every inference forward.
+        """Reuse the eval-mode `fused_weights` in every inference forward instead of rebuilding them.
 
         For weights that no longer change: `Codec` freezes its model, whose weights' hash it has
         already written into latent files. `train()` and moving the layer (`to`, `float`, ...)
         unfreeze it; changing parameters in place while frozen is not seen.
         """
-        with torch.no_grad():
-            training = self.training
-            self.training = False
-            self.frozen = None
-            self.frozen = self.fused_weights()
-            self.training = training
+        self.frozen = {}
 
     def train(self, mode: bool = True) -> DynamicConv:
         if mode:
             self.frozen = None
         return super().train(mode)
 
-    def _apply(self, fn, recurse: bool = True):  # to(), float(), cuda(), ...: the copy would be stale
+    def _apply(self, fn, recurse: bool = True):  # to(), float(), cuda(), ...: a kept copy would be stale
         self.frozen = None
         return super()._apply(fn, recurse)
 
-    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fused_weights(
+        self, channels_last: bool = False, input_scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything linear in the patch as one (2*O*H + 2*O, P + 1) matrix, and dense2's weights.
 
         The rows: dense1's pre-activation (O*H), patch . W_o for the kernel projection (O*H),
@@ -269,9 +261,33 @@ class DynamicConv(nn.Module):
         mean_p patch_p * (W_o hidden_o + b_o)_p = (hidden_o . (patch W_o) + patch . b_o) / P,
         the (N, O, P) predicted kernels are never built. In eval mode both BatchNorms are affine
         maps and are folded into the weights after them.
+
+        Every row is linear in the patch, so the columns can follow the input instead of the
+        input following them: `input_scale` scales them (x * input_scale is what the layer
+        reads) and `channels_last` orders them (ky, kx, c) like `patches(x, channels_last=True)`.
         """
-        if self.frozen is not None and not self.training and not torch.is_grad_enabled():
-            return self.frozen
+        if self.frozen is None or self.training or torch.is_grad_enabled():
+            return self.arrange(*self.fold(), channels_last, input_scale)
+        key = (channels_last, input_scale)
+        if key not in self.frozen:  # kept for later calls, maybe outside inference mode: ordinary tensors
+            with torch.inference_mode(False), torch.no_grad():
+                self.frozen[key] = self.arrange(*self.fold(), channels_last, input_scale)
+        return self.frozen[key]
+
+    def arrange(
+        self, weight: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, channels_last: bool, input_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The columns of `fold`'s matrix ordered and scaled for the input (see `fused_weights`)."""
+        if channels_last:  # columns (c, ky, kx) -> (ky, kx, c)
+            c, k = self.in_channels, self.kernel_size
+            order = torch.arange(self.patch_size, device=weight.device).view(c, k, k).permute(1, 2, 0).flatten()
+            weight = weight[:, torch.cat([order, order.new_tensor([self.patch_size])])]
+        if input_scale != 1.0:
+            weight = torch.cat([weight[:, :-1] * input_scale, weight[:, -1:]], dim=1)
+        return weight, w2, b2
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`fused_weights` for plain channel-first input."""
         o, h, p = self.out_channels, self.hidden, self.patch_size
         projection = self.kernel_weight.transpose(1, 2)  # (O, H, P)
         kernel_bias, w2, b2 = self.kernel_bias, self.dense2.weight, self.dense2.bias

@@ -52,26 +52,24 @@ def serves(layer: DynamicConv, patches: torch.Tensor) -> bool:
         and layer.hidden <= _native.MAX_HIDDEN
         and min(layer.dense1.eps, layer.dense2.eps) > 0
         and (_native.OPENMP or torch.get_num_threads() == 1)  # a one-thread kernel would lose to PyTorch
-        and bool(layer.dense1.scale.all() and layer.dense2.scale.all())  # 0 * inf is NaN there, 0 in PyTorch
     )
 
 
 def mix(
     layer: DynamicConv, patches: torch.Tensor, weight: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
-    """What `layer.mix` gives in eval mode, for all (N, P + 1) patches at once -> (O, N).
+    """What `layer.mix` gives in eval mode, for all (N, P + 1) patches at once -> (O, N); None for
+    a layer with a zero scale (0 * inf is NaN for the kernel, 0 for PyTorch: PyTorch runs it).
 
     `weight`, `w2`, `b2` are `layer.fused_weights()`, with both BatchNorms folded in.
     """
-    from .layers import POWER_RANGE  # not at the top: layers imports this module
-
     o, h = layer.out_channels, layer.hidden
-    d1, d2 = layer.dense1, layer.dense2
-    p1, p2 = (d.power.reshape(o, h).clamp(*POWER_RANGE) for d in (d1, d2))
-    s1, s2 = (d.scale.reshape(o, h).abs().log2() for d in (d1, d2))  # log2 |scale|, finite (serves)
-    p1, s1, w2, b2, p2, s2 = (t.float().contiguous() for t in (p1, s1, w2, b2, p2, s2))
-    if w2.shape != (o, h, h) or b2.numel() != o * h or weight.shape != (2 * o * h + 2 * o, patches.shape[1]):
+    if weight.shape != (2 * o * h + 2 * o, patches.shape[1]) or w2.shape != (o, h, h) or b2.numel() != o * h:
         raise ValueError(f"native.mix: weights {tuple(weight.shape)}, {tuple(w2.shape)} do not fit the layer")
+    parameters = kernel_parameters(layer, w2, b2)
+    if parameters is None:
+        return None
+    p1, s1, w2, b2, p2, s2 = parameters
     total = patches.shape[0]
     if total % BLOCK:  # the kernel takes whole blocks; the extra rows are computed and dropped
         patches = torch.cat([patches, patches.new_zeros(BLOCK - total % BLOCK, patches.shape[1])])
@@ -89,16 +87,53 @@ def mix(
             part.shape[0],
             p1.data_ptr(),
             s1.data_ptr(),
-            d1.eps,
+            layer.dense1.eps,
             w2.data_ptr(),
             b2.data_ptr(),
             p2.data_ptr(),
             s2.data_ptr(),
-            d2.eps,
+            layer.dense2.eps,
             1.0 / layer.patch_size,
             torch.get_num_threads(),
         )
     return out[:, :total]
+
+
+def kernel_parameters(layer: DynamicConv, w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Powers (clamped), log2 |scale| and dense2's folded weights as contiguous float32, per (o, h);
+    None if a scale is 0.
+
+    Kept on the layer while `w2` is the same tensor, as it is for a frozen layer (see
+    `DynamicConv.freeze`): about ten small operations that cost 0.1 ms a call otherwise.
+    """
+    from .layers import POWER_RANGE  # not at the top: layers imports this module
+
+    kept = getattr(layer, "_kernel_parameters", None)
+    if kept is not None and kept[0] is w2 and kept[1] is b2:
+        return kept[2]
+    o, h = layer.out_channels, layer.hidden
+    d1, d2 = layer.dense1, layer.dense2
+    p1, p2 = (d.power.reshape(o, h).clamp(*POWER_RANGE) for d in (d1, d2))
+    s1, s2 = (d.scale.reshape(o, h).abs().log2() for d in (d1, d2))
+    finite = bool(s1.isfinite().all() and s2.isfinite().all())  # log2 0 = -inf
+    parameters = tuple(t.float().contiguous() for t in (p1, s1, w2, b2, p2, s2)) if finite else None
+    layer._kernel_parameters = (w2, b2, parameters)
+    return parameters
+
+
+def patches_u8(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """`DynamicConv.patches(x, channels_last=True)` for uint8 CPU images: the (N, k * k * C + 1)
+    float32 rows straight from the 8-bit pixels. None where it does not apply."""
+    if _native is None or x.dtype != torch.uint8 or x.device.type != "cpu" or torch.jit.is_tracing():
+        return None
+    pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C) must be contiguous: the layer checked channels-last
+    if not pixels.is_contiguous():
+        return None
+    batch, height, width, channels = pixels.shape
+    out_h, out_w = height // k, width // k
+    out = torch.empty(batch * out_h * out_w, k * k * channels + 1)
+    _native.patches_u8(pixels.data_ptr(), out.data_ptr(), batch, height, width, channels, k, out_h, out_w)
+    return out
 
 
 def activation(lin: torch.Tensor, power: float, scale: float, eps: float) -> torch.Tensor:

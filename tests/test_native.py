@@ -111,12 +111,16 @@ def test_activation_relative_error_over_the_whole_range():
 
 
 @needs_kernel
-def test_zero_scale_is_left_to_pytorch():
+def test_zero_scale_is_left_to_pytorch(monkeypatch):
     layer = random_layer(4, 6, 3, 1, "same").float().eval()
     with torch.no_grad():
         layer.dense2.scale[0, 0] = 0.0
+    x = torch.full((1, 4, 5, 5), 1e30)  # overflows: 0 * inf, which the kernel would make NaN
     with torch.inference_mode():
-        assert not native.serves(layer, layer.patches(torch.rand(1, 4, 5, 5)))
+        assert native.mix(layer, layer.patches(x), *layer.fused_weights()) is None
+        got = layer(x)
+        pytorch_only(monkeypatch)
+        torch.testing.assert_close(got, layer(x), rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="non-zero"):
         native.activation(torch.ones(3), 1.0, 0.0, 1e-6)
 
