@@ -14,7 +14,7 @@ LEVELS = 256
 def quantize(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, C, h, w) float -> uint8 codes, and per (image, channel) offset and step, each (B, C)."""
     flat = latent.detach().flatten(2).float()
-    low, high = flat.amin(-1), flat.amax(-1)
+    low, high = torch.aminmax(flat, dim=-1)
     step = (high - low) / (LEVELS - 1)
     step = torch.where(step > 0, step, torch.ones_like(step))
     codes = ((flat - low[..., None]) / step[..., None]).round_().clamp_(0, LEVELS - 1)
