@@ -11,9 +11,10 @@ input, as a PIL image is Pillow's); "from a PIL image" adds Pillow's export of t
 Rows: the codec with its compiled kernel (`hybrid_codec/native.py`; on CPUs without AVX-512 it
 is absent), the same with PyTorch only (HYBRID_CODEC_NATIVE=0), the loop reference (the same
 weights through `tests/loop_reference.py`, one Python loop iteration per output channel) and
-Pillow JPEG at quality 20. The contenders run in interleaved rounds, each job once untimed and
-once timed per round, and each figure is the median over the rounds: this machine's speed drifts
-by up to a third within minutes, and interleaving keeps that drift out of the ratios. `--profile` also prints
+Pillow JPEG at quality 20. The contenders run in interleaved rounds; in each, every job runs
+once to warm up and then once (or, under 20 ms, five times, keeping the median), and each figure
+is the median over the rounds: this machine's speed drifts by up to a third within minutes, and
+interleaving keeps that drift out of the ratios. `--profile` also prints
 where one decode spends its time, per PyTorch operator (the kernel shows as its caller).
 """
 
@@ -127,9 +128,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, jobs in contenders.items():
             for job, column in zip(jobs, times[name], strict=True):
-                if job is not None:
-                    job()  # warm: the previous contender (the loop reference above all) leaves the caches cold
-                    column.append(timed(job))
+                if job is not None:  # warm first: the previous contender (the loop reference) left the caches cold
+                    repeats = 5 if timed(job) < 20 else 1  # a short job is at the mercy of one hiccup
+                    column.append(statistics.median(timed(job) for _ in range(repeats)))
     median = {name: [statistics.median(c) if c else float("nan") for c in cols] for name, cols in times.items()}
 
     kernel = "AVX-512 kernel" if native.available() else "no compiled kernel (PyTorch only)"

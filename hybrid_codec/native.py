@@ -124,7 +124,7 @@ def kernel_parameters(layer: DynamicConv, w2: torch.Tensor, b2: torch.Tensor) ->
 def patches_u8(x: torch.Tensor, k: int) -> torch.Tensor | None:
     """`DynamicConv.patches(x, channels_last=True)` for uint8 CPU images: the (N, k * k * C + 1)
     float32 rows straight from the 8-bit pixels. None where it does not apply."""
-    if _native is None or x.dtype != torch.uint8 or x.device.type != "cpu" or torch.jit.is_tracing():
+    if not available() or x.dtype != torch.uint8 or x.device.type != "cpu" or torch.jit.is_tracing():
         return None
     pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C) must be contiguous: the layer checked channels-last
     if not pixels.is_contiguous():

@@ -183,3 +183,17 @@ def test_codec_output_with_and_without_the_kernel(monkeypatch):
     assert (latent.codes != reference_latent.codes).float().mean() < 1e-3
     assert np.abs(decoded - reference).max() <= 1
     assert (decoded != reference).mean() < 1e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("height,width", [(16, 24), (19, 21), (8, 8), (40, 9)])
+def test_eight_bit_patches_match_the_pytorch_copy(monkeypatch, height, width):
+    """The kernel's patches of an 8-bit image, including sizes the windows do not divide."""
+    layer = random_layer(3, 4, 8, 8, 0).float()
+    pixels = torch.randint(0, 256, (2, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    x = pixels.permute(0, 3, 1, 2)
+    got = layer.patches(x, channels_last=True)
+    pytorch_only(monkeypatch)
+    expected = layer.patches(x, channels_last=True)
+    assert torch.equal(got, expected)
+    assert got[:, -1].eq(1).all() and got[0, :3].tolist() == pixels[0, 0, 0].tolist()  # (ky, kx, c) order
