@@ -103,25 +103,35 @@ typedef struct {
     int threads;
 } Mix;
 
-/* Output channel o for patches j .. j + BLOCK. */
+/* Output channel o for patches j .. j + BLOCK. The second dense layer runs two rows at a time:
+   eight independent accumulator chains, and each hidden value loaded once for both. */
 AVX512 static void mix_task(const Mix *m, int64_t o, int64_t j) {
     const int64_t n = m->n, hidden = m->hidden, rows = m->channels * hidden;
-    float h1[MAX_HIDDEN * BLOCK], lin2[BLOCK], h2[BLOCK], acc[BLOCK];
+    float h1[MAX_HIDDEN * BLOCK], lin2[2][BLOCK], h2[BLOCK], acc[BLOCK];
     for (int64_t k = 0; k < hidden; k++) {
         const int64_t r = o * hidden + k;
         activation(m->linear + r * n + j, h1 + k * BLOCK, m->power1[r], m->log2_scale1[r], m->eps1);
     }
     for (int i = 0; i < BLOCK; i++) acc[i] = 0.0f;
-    for (int64_t h = 0; h < hidden; h++) {
-        const int64_t r = o * hidden + h;
-        const float *w = m->w2 + r * hidden, *proj = m->linear + (rows + r) * n + j;
-        for (int i = 0; i < BLOCK; i++) lin2[i] = m->b2[r];
-        for (int64_t k = 0; k < hidden; k++) {
-            const float wk = w[k], *hk = h1 + k * BLOCK;
-            for (int i = 0; i < BLOCK; i++) lin2[i] += wk * hk[i];
+    for (int64_t h = 0; h < hidden; h += 2) {
+        const int64_t r0 = o * hidden + h, r1 = h + 1 < hidden ? r0 + 1 : r0; /* an odd last row pairs with itself */
+        const float *w0 = m->w2 + r0 * hidden, *w1 = m->w2 + r1 * hidden;
+        for (int i = 0; i < BLOCK; i++) {
+            lin2[0][i] = m->b2[r0];
+            lin2[1][i] = m->b2[r1];
         }
-        activation(lin2, h2, m->power2[r], m->log2_scale2[r], m->eps2);
-        for (int i = 0; i < BLOCK; i++) acc[i] += h2[i] * proj[i];
+        for (int64_t k = 0; k < hidden; k++) {
+            const float *hk = h1 + k * BLOCK;
+            for (int i = 0; i < BLOCK; i++) {
+                lin2[0][i] += w0[k] * hk[i];
+                lin2[1][i] += w1[k] * hk[i];
+            }
+        }
+        for (int64_t r = r0; r <= r1; r++) {
+            activation(lin2[r - r0], h2, m->power2[r], m->log2_scale2[r], m->eps2);
+            const float *proj = m->linear + (rows + r) * n + j;
+            for (int i = 0; i < BLOCK; i++) acc[i] += h2[i] * proj[i];
+        }
     }
     const float *kb = m->linear + (2 * rows + o) * n + j, *similar = kb + m->channels * n;
     float *dst = m->out + o * m->out_stride + j;
