@@ -155,6 +155,14 @@ static int has_avx512(void) {
 #endif
 }
 
+static int avx512; /* has_avx512(), read once when the module loads */
+
+/* 1 where the kernel can run; else 0 with a RuntimeError set for the caller to return. */
+static int require_avx512(const char *what) {
+    if (!avx512) PyErr_Format(PyExc_RuntimeError, "%s: this CPU (or this build) has no AVX-512", what);
+    return avx512;
+}
+
 /* Python entry point. The caller (hybrid_codec/native.py) checks every tensor's dtype, shape,
    contiguity and device and passes data pointers; this checks the sizes it relies on. */
 static PyObject *py_mix(PyObject *self, PyObject *args) {
@@ -170,10 +178,7 @@ static PyObject *py_mix(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "mix: sizes out of range");
         return NULL;
     }
-    if (!has_avx512()) {
-        PyErr_SetString(PyExc_RuntimeError, "mix: this CPU (or this build) has no AVX-512");
-        return NULL;
-    }
+    if (!require_avx512("mix")) return NULL;
 #if HAVE_AVX512
     const Mix m = {(const float *)linear, (float *)out, out_stride, channels, hidden, n, (const float *)power1,
                    (const float *)log2_scale1, (const float *)w2, (const float *)b2, (const float *)power2,
@@ -190,9 +195,9 @@ static PyObject *py_mix(PyObject *self, PyObject *args) {
    what `DynamicConv.patches` makes for the encoder, without a float copy of the whole image. */
 #if HAVE_AVX512
 AVX512 static void patches_u8(const uint8_t *pixels, float *out, int64_t batch, int64_t height, int64_t width,
-                              int64_t channels, int64_t k, int64_t out_h, int64_t out_w) {
+                              int64_t channels, int64_t k, int64_t out_h, int64_t out_w, int threads) {
     const int64_t row = k * channels, cols = k * row + 1, rows = batch * out_h * out_w;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < rows; n++) {
         const int64_t b = n / (out_h * out_w), oy = n / out_w % out_h, ox = n % out_w;
         const uint8_t *window = pixels + ((b * height + oy * k) * width + ox * k) * channels;
@@ -214,20 +219,20 @@ AVX512 static void patches_u8(const uint8_t *pixels, float *out, int64_t batch, 
 static PyObject *py_patches_u8(PyObject *self, PyObject *args) {
     Py_ssize_t src, dst;
     long long batch, height, width, channels, k, out_h, out_w;
+    int threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnLLLLLLL", &src, &dst, &batch, &height, &width, &channels, &k, &out_h, &out_w))
+    if (!PyArg_ParseTuple(args, "nnLLLLLLLi", &src, &dst, &batch, &height, &width, &channels, &k, &out_h, &out_w,
+                          &threads))
         return NULL;
-    if (batch < 0 || channels < 1 || k < 1 || out_h < 0 || out_w < 0 || out_h * k > height || out_w * k > width) {
+    if (batch < 0 || channels < 1 || k < 1 || out_h < 0 || out_w < 0 || out_h * k > height || out_w * k > width ||
+        threads < 1) {
         PyErr_SetString(PyExc_ValueError, "patches_u8: sizes out of range");
         return NULL;
     }
-    if (!has_avx512()) {
-        PyErr_SetString(PyExc_RuntimeError, "patches_u8: this CPU (or this build) has no AVX-512");
-        return NULL;
-    }
+    if (!require_avx512("patches_u8")) return NULL;
 #if HAVE_AVX512
     Py_BEGIN_ALLOW_THREADS
-    patches_u8((const uint8_t *)src, (float *)dst, batch, height, width, channels, k, out_h, out_w);
+    patches_u8((const uint8_t *)src, (float *)dst, batch, height, width, channels, k, out_h, out_w, threads);
     Py_END_ALLOW_THREADS
 #endif
     Py_RETURN_NONE;
@@ -244,10 +249,7 @@ static PyObject *py_activation(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "activation: n out of range");
         return NULL;
     }
-    if (!has_avx512()) {
-        PyErr_SetString(PyExc_RuntimeError, "activation: this CPU (or this build) has no AVX-512");
-        return NULL;
-    }
+    if (!require_avx512("activation")) return NULL;
 #if HAVE_AVX512
     for (long long j = 0; j < n; j += BLOCK) activation((const float *)x + j, (float *)y + j, power, log2_scale, eps);
 #endif
@@ -266,13 +268,14 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+    avx512 = has_avx512();
 #ifdef _OPENMP
     const int openmp = 1;
 #else
     const int openmp = 0;
 #endif
     if (PyModule_AddIntConstant(m, "MAX_HIDDEN", MAX_HIDDEN) ||
-        PyModule_AddIntConstant(m, "OPENMP", openmp) || PyModule_AddIntConstant(m, "AVX512", has_avx512())) {
+        PyModule_AddIntConstant(m, "OPENMP", openmp) || PyModule_AddIntConstant(m, "AVX512", avx512)) {
         Py_DECREF(m);
         return NULL;
     }

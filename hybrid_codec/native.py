@@ -71,12 +71,12 @@ def mix(
         return None
     p1, s1, w2, b2, p2, s2 = parameters
     total = patches.shape[0]
-    if total % BLOCK:  # the kernel takes whole blocks; the extra rows are computed and dropped
-        patches = torch.cat([patches, patches.new_zeros(BLOCK - total % BLOCK, patches.shape[1])])
     chunk = max(1, round(CHUNK_VALUES / weight.shape[0] / BLOCK)) * BLOCK
-    out = patches.new_empty(o, patches.shape[0])
-    for start in range(0, patches.shape[0], chunk):
+    out = patches.new_empty(o, total + -total % BLOCK)
+    for start in range(0, total, chunk):
         part = patches[start : start + chunk]
+        if part.shape[0] % BLOCK:  # the kernel takes whole blocks: the last one is padded, its extra rows dropped
+            part = torch.cat([part, part.new_zeros(-part.shape[0] % BLOCK, part.shape[1])])
         linear = (weight @ part.T).contiguous()  # (2*O*H + 2*O, n), rows in the order the kernel reads
         _native.mix(
             linear.data_ptr(),
@@ -132,7 +132,9 @@ def patches_u8(x: torch.Tensor, k: int) -> torch.Tensor | None:
     batch, height, width, channels = pixels.shape
     out_h, out_w = height // k, width // k
     out = torch.empty(batch * out_h * out_w, k * k * channels + 1)
-    _native.patches_u8(pixels.data_ptr(), out.data_ptr(), batch, height, width, channels, k, out_h, out_w)
+    _native.patches_u8(
+        pixels.data_ptr(), out.data_ptr(), batch, height, width, channels, k, out_h, out_w, torch.get_num_threads()
+    )
     return out
 
 
