@@ -53,7 +53,7 @@ class Codec:
         pad_h, pad_w = -height % f, -width % f
         images = images.to(self.device, torch.uint8 if images.dtype == torch.uint8 else torch.float32)
         if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+            images = pad_replicate(images, pad_h, pad_w)
         return self.model.encoder(images)
 
     @torch.inference_mode()
@@ -114,6 +114,16 @@ class Codec:
         self.check(latent)
         image = self.decode_tensor(latent.dequantize())
         return tensor_to_image(image[0, :, : latent.height, : latent.width])
+
+
+def pad_replicate(images: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Pad (B, C, H, W) at the bottom and right by repeating the last row and column, keeping a
+    channels-last layout (an image array's) channels-last: the encoder reads that layout fastest."""
+    if images.permute(0, 2, 3, 1).is_contiguous() and not images.is_contiguous():
+        # (B, H, W, C) seen as a one-channel volume: replicate-pad its H and W, not C
+        padded = F.pad(images.permute(0, 2, 3, 1)[:, None], (0, 0, 0, pad_w, 0, pad_h), mode="replicate")
+        return padded[:, 0].permute(0, 3, 1, 2)
+    return F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

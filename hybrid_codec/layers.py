@@ -187,8 +187,6 @@ class DynamicConv(nn.Module):
         k, p = self.kernel_size, self.patch_size
         out_h, out_w = self.output_size(height, width)
         dtype = x.dtype if x.is_floating_point() else self.similar_conv.weight.dtype
-        if channels_last and dtype == torch.float32 and (out := native.patches_u8(x, k)) is not None:
-            return out
         out = x.new_empty(batch * out_h * out_w, p + 1, dtype=dtype)
         out[:, p] = 1.0
         if channels_last:
@@ -220,12 +218,16 @@ class DynamicConv(nn.Module):
         batch, _, height, width = x.shape
         out_h, out_w = self.output_size(height, width)
         channels_last = self.reads_channels_last(x)
-        patches = self.patches(x, channels_last)  # (N, P + 1)
         weights = self.fused_weights(channels_last, input_scale)
-        if self.training:
-            out = self.mix(patches, *weights)
-        else:  # float32 CPU inference: the compiled kernel, where it is built and serves this layer
-            out = native.mix(self, patches, *weights) if native.serves(self, patches) else None
+        # CPU inference: the compiled kernel where it is built and serves this layer; for 8-bit
+        # images (the encoder) it reads the pixels itself, for anything else it takes the patches
+        out = native.pixel_mix(self, x, *weights) if native.serves_pixels(self, x) else None
+        if out is None:
+            patches = self.patches(x, channels_last)  # (N, P + 1)
+            if self.training:
+                out = self.mix(patches, *weights)
+            elif native.serves(self, patches):
+                out = native.mix(self, patches, *weights)
         if out is None:  # eval-mode BatchNorm is per patch, so chunks give the same result
             chunk = max(1, EVAL_CHUNK_VALUES // (self.out_channels * self.hidden))
             out = torch.cat([self.mix(part, *weights) for part in patches.split(chunk)], dim=1)

@@ -1,11 +1,13 @@
 """The compiled CPU kernel for DynamicConv's inference forward, and when it runs.
 
 `_native.c` does in one pass over the patches what PyTorch does in about twenty: both HybridDense
-activations, the second dense layer and the kernel products (see its top comment). It is built
-with the package where a C compiler is present, and runs on x86-64 CPUs with AVX-512. It serves
-float32 CPU inference only: training, float64, other devices, tracing and export (ONNX,
-`torch.compile`) take the PyTorch path, which is also the reference the tests hold it to.
-`HYBRID_CODEC_NATIVE=0` in the environment turns it off.
+activations, the second dense layer and the kernel products (`mix`, see its top comment). For
+8-bit images (the encoder reading an image file) it also does the matrix product before them,
+on 16-bit integers straight from the pixels (`pixel_mix`). It is built with the package where a
+C compiler is present, and runs on x86-64 CPUs with AVX-512. It serves CPU inference only:
+training, float64, other devices, tracing and export (ONNX, `torch.compile`) take the PyTorch
+path, which is also the reference the tests hold it to. `HYBRID_CODEC_NATIVE=0` in the
+environment turns it off.
 """
 
 from __future__ import annotations
@@ -40,11 +42,31 @@ def available() -> bool:
 
 def serves(layer: DynamicConv, patches: torch.Tensor) -> bool:
     """Whether `mix` runs this forward: float32 CPU inference, nothing recording the graph."""
+    return patches.dtype == torch.float32 and _inference(layer, patches)
+
+
+def serves_pixels(layer: DynamicConv, x: torch.Tensor) -> bool:
+    """Whether `pixel_mix` runs this forward: 8-bit channels-last images (B, C, H, W) through
+    non-overlapping windows whose rows are whole 4-byte words."""
+    k = layer.kernel_size
+    return (
+        x.dtype == torch.uint8
+        and layer.stride == k
+        and layer.padding == 0
+        and k * x.shape[1] % 4 == 0
+        and x.shape[2] >= k
+        and x.shape[3] >= k
+        and x.numel() < 2**31
+        and layer.reads_channels_last(x)
+        and _inference(layer, x)
+    )
+
+
+def _inference(layer: DynamicConv, x: torch.Tensor) -> bool:
     return (
         available()
         and not layer.training
-        and patches.device.type == "cpu"
-        and patches.dtype == torch.float32
+        and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -99,6 +121,87 @@ def mix(
     return out[:, :total]
 
 
+def pixel_mix(
+    layer: DynamicConv,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    use_vnni: bool = True,
+) -> torch.Tensor | None:
+    """`mix` straight from 8-bit channels-last images x (B, C, H, W) -> (O, N), the matrix product
+    included; None for a layer with a zero scale. `weight` is `layer.fused_weights(True, scale)`.
+
+    The product runs on 16-bit integers (see `pixel_weights`): AVX-512 VNNI where the CPU has it
+    and `use_vnni`, else AVX-512's multiply-add, with identical sums.
+    """
+    o, h = layer.out_channels, layer.hidden
+    parameters = kernel_parameters(layer, w2, b2)
+    if parameters is None:
+        return None
+    p1, s1, w2, b2, p2, s2 = parameters
+    packed, row_scale, row_bias = pixel_weights(layer, weight)
+    batch, channels, height, width = x.shape
+    out_h, out_w = layer.output_size(height, width)
+    total = batch * out_h * out_w
+    out = torch.empty(o, total + -total % BLOCK)
+    _native.pixel_mix(
+        x.data_ptr(),
+        batch,
+        height,
+        width,
+        channels,
+        layer.kernel_size,
+        packed.data_ptr(),
+        row_scale.data_ptr(),
+        row_bias.data_ptr(),
+        weight.shape[0],
+        out.data_ptr(),
+        out.stride(0),
+        o,
+        h,
+        p1.data_ptr(),
+        s1.data_ptr(),
+        layer.dense1.eps,
+        w2.data_ptr(),
+        b2.data_ptr(),
+        p2.data_ptr(),
+        s2.data_ptr(),
+        layer.dense2.eps,
+        1.0 / layer.patch_size,
+        torch.get_num_threads(),
+        use_vnni,
+    )
+    return out[:, :total]
+
+
+def pixel_weights(layer: DynamicConv, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight` (R, P + 1) as `pixel_mix` reads it: the first P columns rounded to 16-bit integers
+    per row (row * row_scale), packed as the kernel's pairs; the last column (the biases) stays float.
+
+    Rounding is the only difference from float32: a relative 1e-5 per product. The integers are
+    kept small enough that no 32-bit sum of P 8-bit pixels times them can overflow. Kept on the
+    layer while `weight` is the same tensor, like `kernel_parameters`.
+    """
+    kept = getattr(layer, "_pixel_weights", None)
+    if kept is not None and kept[0] is weight:
+        return kept[1]
+    rows, p = weight.shape[0], weight.shape[1] - 1
+    largest = min(2**15 - 1, (2**31 - 1) // (255 * p))
+    body = weight[:, :p].double()
+    row_scale = body.abs().amax(1) / largest
+    row_scale = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))
+    integers = (body / row_scale[:, None]).round().clamp(-largest, largest).to(torch.int16)
+    tiles = -(-rows // _native.TILE)
+    integers = torch.cat([integers, integers.new_zeros(tiles * _native.TILE - rows, p)])
+    # each 4 values (w0, w1, w2, w3) become the pairs (w0, w2), (w1, w3), as the kernel reads the pixels
+    pairs = integers.view(-1, p // 4, 2, 2).transpose(-1, -2).contiguous().view(torch.int32).view(-1, p // 2)
+    packed = pairs.view(tiles, _native.TILE, p // 2).transpose(1, 2).contiguous()
+    prepared = (packed, row_scale.float().contiguous(), weight[:, p].float().contiguous())
+    layer._pixel_weights = (weight, prepared)
+    return prepared
+
+
 def kernel_parameters(layer: DynamicConv, w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """Powers (clamped), log2 |scale| and dense2's folded weights as contiguous float32, per (o, h);
     None if a scale is 0.
@@ -119,23 +222,6 @@ def kernel_parameters(layer: DynamicConv, w2: torch.Tensor, b2: torch.Tensor) ->
     parameters = tuple(t.float().contiguous() for t in (p1, s1, w2, b2, p2, s2)) if finite else None
     layer._kernel_parameters = (w2, b2, parameters)
     return parameters
-
-
-def patches_u8(x: torch.Tensor, k: int) -> torch.Tensor | None:
-    """`DynamicConv.patches(x, channels_last=True)` for uint8 CPU images: the (N, k * k * C + 1)
-    float32 rows straight from the 8-bit pixels. None where it does not apply."""
-    if not available() or x.dtype != torch.uint8 or x.device.type != "cpu" or torch.jit.is_tracing():
-        return None
-    pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C) must be contiguous: the layer checked channels-last
-    if not pixels.is_contiguous():
-        return None
-    batch, height, width, channels = pixels.shape
-    out_h, out_w = height // k, width // k
-    out = torch.empty(batch * out_h * out_w, k * k * channels + 1)
-    _native.patches_u8(
-        pixels.data_ptr(), out.data_ptr(), batch, height, width, channels, k, out_h, out_w, torch.get_num_threads()
-    )
-    return out
 
 
 def activation(lin: torch.Tensor, power: float, scale: float, eps: float) -> torch.Tensor:

@@ -185,15 +185,134 @@ def test_codec_output_with_and_without_the_kernel(monkeypatch):
     assert (decoded != reference).mean() < 1e-3
 
 
+def eight_bit_images(batch: int, height: int, width: int, channels: int = 3, seed: int = 9) -> torch.Tensor:
+    """Random 8-bit images as an image array is seen: (B, C, H, W), channels-last in memory."""
+    pixels = torch.randint(0, 256, (batch, height, width, channels), dtype=torch.uint8)
+    return pixels.random_(0, 256, generator=torch.Generator().manual_seed(seed)).permute(0, 3, 1, 2)
+
+
+# (in, out, kernel, batch, H, W, hidden): the encoder's geometry, sizes the windows do not divide,
+# ragged patch counts (one patch, and not whole 64-patch blocks), batches, hidden sizes 1 to 64
+PIXEL_GEOMETRIES = [
+    pytest.param(3, 4, 8, 1, 64, 96, 14, id="encoder"),
+    pytest.param(3, 4, 8, 2, 19, 21, 14, id="ragged-batch"),
+    pytest.param(3, 4, 8, 1, 8, 8, 3, id="one-patch"),
+    pytest.param(3, 4, 8, 3, 72, 200, 5, id="many-blocks"),
+    pytest.param(4, 2, 2, 1, 30, 34, 1, id="k2-c4-hidden1"),
+    pytest.param(3, 7, 4, 1, 40, 12, 64, id="k4-hidden64"),
+]
+
+
 @needs_kernel
-@pytest.mark.parametrize("height,width", [(16, 24), (19, 21), (8, 8), (40, 9)])
-def test_eight_bit_patches_match_the_pytorch_copy(monkeypatch, height, width):
-    """The kernel's patches of an 8-bit image, including sizes the windows do not divide."""
-    layer = random_layer(3, 4, 8, 8, 0).float()
-    pixels = torch.randint(0, 256, (2, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
-    x = pixels.permute(0, 3, 1, 2)
-    got = layer.patches(x, channels_last=True)
-    pytorch_only(monkeypatch)
-    expected = layer.patches(x, channels_last=True)
-    assert torch.equal(got, expected)
-    assert got[:, -1].eq(1).all() and got[0, :3].tolist() == pixels[0, 0, 0].tolist()  # (ky, kx, c) order
+@pytest.mark.parametrize("in_ch,out_ch,k,batch,height,width,hidden", PIXEL_GEOMETRIES)
+def test_pixel_kernel_matches_the_pytorch_path(monkeypatch, in_ch, out_ch, k, batch, height, width, hidden):
+    """8-bit images: the kernel's 16-bit integer product against PyTorch's float32 one."""
+    layer = random_layer(in_ch, out_ch, k, k, 0, hidden=hidden, seed=hidden).float().eval()
+    x = eight_bit_images(batch, height, width, in_ch)
+    with torch.inference_mode():
+        assert native.serves_pixels(layer, x)
+        got = layer(x, input_scale=1 / 255)
+        pytorch_only(monkeypatch)
+        expected = layer(x, input_scale=1 / 255)
+    assert got.shape == expected.shape == (batch, out_ch, height // k, width // k)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@needs_kernel
+def test_pixel_kernel_gives_the_same_sums_with_and_without_vnni():
+    """The VNNI instruction and AVX-512's multiply-add (CPUs without VNNI) add the same integers."""
+    layer = random_layer(3, 4, 8, 8, 0, hidden=14).float().eval()
+    x = eight_bit_images(2, 40, 88)
+    with torch.inference_mode():
+        weights = layer.fused_weights(True, 1 / 255)
+        vnni = native.pixel_mix(layer, x, *weights, use_vnni=True)
+        plain = native.pixel_mix(layer, x, *weights, use_vnni=False)
+    assert torch.equal(vnni, plain)
+
+
+@needs_kernel
+def test_pixel_kernel_output_does_not_depend_on_thread_count():
+    layer = random_layer(3, 4, 8, 8, 0, hidden=14).float().eval()
+    x = eight_bit_images(1, 80, 168)  # 210 patches: both threads get blocks, the last one ragged
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = layer(x, input_scale=1 / 255)
+            torch.set_num_threads(2)
+            two = layer(x, input_scale=1 / 255)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_pixel_kernel_sums_cannot_overflow(monkeypatch):
+    """White pixels times all-positive weights: the largest sums the 32-bit integers can meet. With
+    324-value patches, full 16-bit weights would overflow them (324 * 255 * 32767 > 2**31)."""
+    layer = random_layer(4, 4, 9, 9, 0, hidden=6).float().eval()
+    with torch.no_grad():
+        for p in (layer.dense1.weight, layer.kernel_weight, layer.kernel_bias, layer.similar_conv.weight):
+            p.uniform_(0.9, 1.0)
+    x = torch.full((1, 18, 27, 4), 255, dtype=torch.uint8).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        weights = layer.fused_weights(True, 1 / 255)
+        integers, row_scale, _ = native.pixel_weights(layer, weights[0])
+        assert integers.view(torch.int16).abs().max().item() * 255 * layer.patch_size < 2**31
+        got = layer(x, input_scale=1 / 255)
+        pytorch_only(monkeypatch)
+        expected = layer(x, input_scale=1 / 255)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_pixel_weights_round_each_row_to_16_bits():
+    layer = random_layer(3, 4, 8, 8, 0, hidden=5).float().eval()
+    weight = layer.fused_weights(True, 1 / 255)[0]
+    if native._native is None:
+        pytest.skip("the kernel is not built")
+    packed, row_scale, row_bias = native.pixel_weights(layer, weight)
+    rows, p = weight.shape[0], layer.patch_size
+    tile = native._native.TILE
+    # undo the packing: (tiles, pairs, TILE) of (w0, w2), (w1, w3) pairs -> (rows, P) integers
+    pairs = packed.transpose(1, 2).reshape(-1, p // 2)[:rows]
+    integers = pairs.contiguous().view(torch.int16).view(rows, p // 4, 2, 2).transpose(-1, -2).reshape(rows, p)
+    assert packed.shape == (-(-rows // tile), p // 2, tile)
+    assert integers.abs().amax(1).eq(2**15 - 1).all()  # every row uses the whole 16-bit range
+    assert torch.equal(row_bias, weight[:, p])
+    error = (integers.double() * row_scale[:, None].double() - weight[:, :p].double()).abs()
+    assert (error <= row_scale[:, None].double() * 0.5001).all()  # rounded, not truncated
+
+
+@needs_kernel
+def test_pixel_kernel_is_used_only_where_it_applies():
+    layer = random_layer(3, 4, 8, 8, 0, hidden=5).float().eval()
+    x = eight_bit_images(1, 16, 24)
+    with torch.inference_mode():
+        assert native.serves_pixels(layer, x)
+        assert not native.serves_pixels(layer, x.float())  # float images: the patches path
+        assert not native.serves_pixels(layer, x.contiguous())  # channel-first pixels
+        layer3 = random_layer(3, 4, 3, 3, 0, hidden=5).float().eval()  # window rows of 9 bytes
+        assert not native.serves_pixels(layer3, eight_bit_images(1, 9, 9))
+        layer.train()
+        assert not native.serves_pixels(layer, x)
+
+
+@needs_kernel
+def test_pixel_kernel_refuses_sizes_it_cannot_take():
+    buffer = torch.zeros(4096)
+    ptr = buffer.data_ptr()
+
+    def call(batch, height, width, channels, k, rows, out_stride, out_channels, hidden):
+        native._native.pixel_mix(
+            ptr, batch, height, width, channels, k, ptr, ptr, ptr, rows, ptr, out_stride, out_channels, hidden,
+            ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1, True,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match="sizes"):  # window rows of 9 bytes, not whole 4-byte words
+        call(1, 9, 9, 3, 3, 2 * 4 * 5 + 8, 64, 4, 5)
+    with pytest.raises(ValueError, match="sizes"):  # rows that do not fit the layer
+        call(1, 8, 8, 3, 8, 7, 64, 4, 5)
+    with pytest.raises(ValueError, match="sizes"):  # an output row too short for the padded block
+        call(1, 8, 8, 3, 8, 2 * 4 * 5 + 8, 10, 4, 5)
+    with pytest.raises(ValueError, match="sizes"):  # an image smaller than one window
+        call(1, 4, 8, 3, 8, 2 * 4 * 5 + 8, 64, 4, 5)
