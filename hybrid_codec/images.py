@@ -114,7 +114,9 @@ def rgb_array(array: np.ndarray) -> np.ndarray:
         array = array.repeat(3, axis=-1)
     if array.shape[-1] == 4:
         array = np.asarray(to_rgb(Image.fromarray(np.ascontiguousarray(array), "RGBA")))
-    if not array.flags.writeable:  # Pillow's arrays are read-only; torch wants to own writable memory
+    # Pillow's arrays are read-only (torch wants writable memory), and a crop of a larger array is
+    # strided: the encoder reads whole rows of a contiguous one (see `DynamicConv.reads_channels_last`)
+    if not (array.flags.writeable and array.flags.c_contiguous):
         array = array.copy()
     return array
 
