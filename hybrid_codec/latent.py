@@ -100,8 +100,8 @@ class Latent:
             "width": self.width,
             "shape": list(self.codes.shape),
             "bits": 8,
-            "low": [float(v) for v in self.low],
-            "step": [float(v) for v in self.step],
+            "low": self.low.double().tolist(),
+            "step": self.step.double().tolist(),
             "coding": CODINGS[0],
             "payload": torch.from_numpy(np.frombuffer(_encode_codes(self.codes.cpu().numpy()), np.uint8).copy()),
         }
