@@ -91,7 +91,6 @@ def mix(
     parameters = kernel_parameters(layer, w2, b2)
     if parameters is None:
         return None
-    p1, s1, w2, b2, p2, s2 = parameters
     total = patches.shape[0]
     chunk = max(1, round(CHUNK_VALUES / weight.shape[0] / BLOCK)) * BLOCK
     out = patches.new_empty(o, total + -total % BLOCK)
@@ -107,16 +106,7 @@ def mix(
             o,
             h,
             part.shape[0],
-            p1.data_ptr(),
-            s1.data_ptr(),
-            layer.dense1.eps,
-            w2.data_ptr(),
-            b2.data_ptr(),
-            p2.data_ptr(),
-            s2.data_ptr(),
-            layer.dense2.eps,
-            1.0 / layer.patch_size,
-            torch.get_num_threads(),
+            *layer_arguments(layer, parameters),
         )
     return out[:, :total]
 
@@ -139,7 +129,6 @@ def pixel_mix(
     parameters = kernel_parameters(layer, w2, b2)
     if parameters is None:
         return None
-    p1, s1, w2, b2, p2, s2 = parameters
     packed, row_scale, row_bias = pixel_weights(layer, weight)
     batch, channels, height, width = x.shape
     out_h, out_w = layer.output_size(height, width)
@@ -160,19 +149,18 @@ def pixel_mix(
         out.stride(0),
         o,
         h,
-        p1.data_ptr(),
-        s1.data_ptr(),
-        layer.dense1.eps,
-        w2.data_ptr(),
-        b2.data_ptr(),
-        p2.data_ptr(),
-        s2.data_ptr(),
-        layer.dense2.eps,
-        1.0 / layer.patch_size,
-        torch.get_num_threads(),
+        *layer_arguments(layer, parameters),
         use_vnni,
     )
     return out[:, :total]
+
+
+def layer_arguments(layer: DynamicConv, parameters: tuple[torch.Tensor, ...]) -> tuple:
+    """What both kernels take last: the activations, dense2 and 1 / P of the layer, and the threads."""
+    p1, s1, w2, b2, p2, s2 = parameters
+    eps1, eps2 = layer.dense1.eps, layer.dense2.eps
+    pointers = [t.data_ptr() for t in (p1, s1, w2, b2, p2, s2)]
+    return (*pointers[:2], eps1, *pointers[2:], eps2, 1.0 / layer.patch_size, torch.get_num_threads())
 
 
 def pixel_weights(layer: DynamicConv, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
