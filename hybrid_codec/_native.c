@@ -205,7 +205,7 @@ AVX512 static void gather_pairs(const PixelMix *e, int64_t j0, int32_t *pairs) {
 /* acc + the products of a's and b's 16-bit pairs. Inline assembly: GCC 12 moves the accumulator of
    `_mm512_dpwssd_epi32` through a scratch register and the stack at every step, which halves the
    speed. Only ever run where the CPU has VNNI. */
-static inline __m512i dot_pairs_vnni(__m512i acc, __m512i a, __m512i b) {
+AVX512 static inline __m512i dot_pairs_vnni(__m512i acc, __m512i a, __m512i b) {
     __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
     return acc;
 }
