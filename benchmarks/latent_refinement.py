@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hybrid_codec import Latent, load_codec  # noqa: E402
-from hybrid_codec.images import find_images, open_image  # noqa: E402
+from hybrid_codec.images import find_images, image_to_tensor, open_image  # noqa: E402
 from hybrid_codec.metrics import psnr  # noqa: E402
 from hybrid_codec.quantize import dequantize, fake_quantize, quantize  # noqa: E402
 
@@ -63,7 +63,7 @@ def main() -> None:
     codec.model.requires_grad_(False)
     rows = []
     for path in find_images(args.folder)[:: args.every]:
-        image = codec.prepare(open_image(path))
+        image = image_to_tensor(open_image(path))
         plain = codec.encode_tensor(image)
         began = time.perf_counter()
         refined = refine(codec, image, plain, args.steps, args.lr)

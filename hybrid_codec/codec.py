@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import CodecError
-from .images import ImageLike, image_to_pixels, image_to_tensor, tensor_to_image
+from .images import ImageLike, image_to_pixels, tensor_to_image
 from .latent import Latent
 from .layers import DynamicConv
 from .models import Autoencoder
@@ -35,11 +35,6 @@ class Codec:
         for layer in self.model.modules():  # the weights are fixed from here on: latent files name their hash
             if isinstance(layer, DynamicConv):
                 layer.freeze()
-
-    @staticmethod
-    def prepare(image: ImageLike) -> torch.Tensor:
-        """Any accepted image -> (B, 3, H, W) float in [0, 1]."""
-        return image_to_tensor(image)
 
     @torch.inference_mode()
     def encode_tensor(self, images: torch.Tensor) -> torch.Tensor:
@@ -119,7 +114,7 @@ class Codec:
 def pad_replicate(images: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     """Pad (B, C, H, W) at the bottom and right by repeating the last row and column, keeping a
     channels-last layout (an image array's) channels-last: the encoder reads that layout fastest."""
-    if images.permute(0, 2, 3, 1).is_contiguous() and not images.is_contiguous():
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
         # (B, H, W, C) seen as a one-channel volume: replicate-pad its H and W, not C
         padded = F.pad(images.permute(0, 2, 3, 1)[:, None], (0, 0, 0, pad_w, 0, pad_h), mode="replicate")
         return padded[:, 0].permute(0, 3, 1, 2)

@@ -208,7 +208,7 @@ class DynamicConv(nn.Module):
             self.kernel_size == self.stride
             and self.padding == 0
             and x.shape[1] > 1
-            and x.permute(0, 2, 3, 1).is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
             and not x.is_contiguous()
         )
 

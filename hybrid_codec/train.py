@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .codec import Codec, pick_device
 from .data import RandomCrops, StepSampler, usable_images
 from .errors import CodecError
-from .images import open_image
+from .images import image_to_tensor, open_image
 from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
 
@@ -140,7 +140,7 @@ def validate(model: Autoencoder, paths: list[Path], device: torch.device) -> flo
     codec = Codec(model, device=device)
     scores = []
     for path in paths:
-        image = Codec.prepare(open_image(path)).to(device)
+        image = image_to_tensor(open_image(path)).to(device)
         scores.append(psnr(image, codec.roundtrip_tensor(image)))
     return sum(scores) / len(scores)
 
