@@ -1,7 +1,7 @@
 """Builds what pyproject.toml cannot declare: the optional C kernel, and the weights in the wheel.
 
-The kernel (hybrid_codec/_native.c) is optional: without a C compiler the install still
-succeeds and the codec runs on PyTorch alone (see hybrid_codec/native.py).
+The kernel (hybrid_codec/_fast.c) is optional: without a C compiler the install still
+succeeds and the codec runs on PyTorch alone (see hybrid_codec/fast.py).
 """
 
 import shutil
@@ -38,8 +38,8 @@ compile_flags, link_flags = kernel_flags()
 setup(
     ext_modules=[
         Extension(
-            "hybrid_codec._native",
-            ["hybrid_codec/_native.c"],
+            "hybrid_codec._fast",
+            ["hybrid_codec/_fast.c"],
             extra_compile_args=compile_flags,
             extra_link_args=link_flags,
             optional=True,

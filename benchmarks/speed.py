@@ -8,8 +8,8 @@ times include its entropy coding. The codec encodes the image's HxWx3 uint8 arra
 input, as a PIL image is Pillow's); "from a PIL image" adds Pillow's export of the pixels
 (`np.asarray(image)`, about 1.3 ms here, paid inside Pillow by its JPEG encoder too).
 
-Rows: the codec with its compiled kernel (`hybrid_codec/native.py`; on CPUs without AVX-512 it
-is absent), the same with PyTorch only (HYBRID_CODEC_NATIVE=0), the loop reference (the same
+Rows: the codec with its compiled kernel (`hybrid_codec/fast.py`; on CPUs without AVX-512 it
+is absent), the same with PyTorch only (HYBRID_CODEC_KERNEL=0), the loop reference (the same
 weights through `tests/loop_reference.py`, one Python loop iteration per output channel) and
 Pillow JPEG at quality 20. The contenders run in interleaved rounds; in each, every job runs
 once to warm up and then once (or, under 20 ms, five times, keeping the median), and each figure
@@ -36,8 +36,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hybrid_codec import Latent, load_codec, native  # noqa: E402
-from hybrid_codec.layers import DynamicConv  # noqa: E402
+from hybrid_codec import Latent, fast, load_codec  # noqa: E402
 from hybrid_codec.runtime import keep_freed_memory  # noqa: E402
 from tests.loop_reference import loop_dynamic_conv, predictors  # noqa: E402
 
@@ -52,11 +51,11 @@ def pytorch_only(job):
     """The job with the compiled kernel switched off."""
 
     def run():
-        os.environ["HYBRID_CODEC_NATIVE"] = "0"
+        os.environ["HYBRID_CODEC_KERNEL"] = "0"
         try:
             return job()
         finally:
-            del os.environ["HYBRID_CODEC_NATIVE"]
+            del os.environ["HYBRID_CODEC_KERNEL"]
 
     return run
 
@@ -72,11 +71,11 @@ def print_decode_profile(codec, data: bytes) -> None:
 
 
 def loop_reference(codec):
-    """The same codec with every DynamicConv's forward swapped for the per-channel loop."""
+    """The same codec with both fast layers swapped for the per-channel loop (it takes float input only)."""
     codec = load_codec(codec.name, device="cpu")
-    for layer in codec.model.modules():
-        if isinstance(layer, DynamicConv):
-            layer.forward = partial(loop_dynamic_conv, layer, mlps=predictors(layer))
+    for part in ("encoder", "decoder"):
+        layer = getattr(codec.model, part).conv
+        setattr(codec.fast, part, partial(loop_dynamic_conv, layer, mlps=predictors(layer)))
     return codec
 
 
@@ -122,7 +121,7 @@ def main() -> None:
             lambda: Image.open(io.BytesIO(jpeg_data)).load(),
         ),
     }
-    if not native.available():
+    if not fast.kernel_available():
         del contenders["hybrid-codec, compiled kernel"]
     times = {name: ([], []) for name in contenders}
     for _ in range(args.rounds):
@@ -133,7 +132,7 @@ def main() -> None:
                     column.append(statistics.median(timed(job) for _ in range(repeats)))
     median = {name: [statistics.median(c) if c else float("nan") for c in cols] for name, cols in times.items()}
 
-    kernel = "AVX-512 kernel" if native.available() else "no compiled kernel (PyTorch only)"
+    kernel = "AVX-512 kernel" if fast.kernel_available() else "no compiled kernel (PyTorch only)"
     print(
         f"image 768x512, torch {torch.__version__}, {torch.get_num_threads()} threads, model {codec.name}, "
         f"{kernel}, median of {args.rounds} interleaved rounds"

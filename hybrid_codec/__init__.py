@@ -16,14 +16,14 @@ _WHERE = {
     "Codec": "codec",
     "CodecConfig": "models",
     "CodecError": "errors",
-    "Latent": "latent",
+    "Latent": "bitstream",
     "load_codec": "codec",
 }
 
 if TYPE_CHECKING:
+    from .bitstream import Latent
     from .codec import Codec, load_codec
     from .errors import CodecError
-    from .latent import Latent
     from .models import Autoencoder, CodecConfig
 
 

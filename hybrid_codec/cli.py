@@ -82,8 +82,10 @@ def encode(
     force: ForceOption = False,
 ) -> None:
     """Encode images to latent files (<stem>.latent.pt beside each input, or into -o)."""
-    from .codec import load_codec
-    from .files import LATENT_SUFFIX, bits_per_pixel, encode_file, expand_inputs, human_bytes, output_paths
+    from .codec import encode_file, load_codec
+    from .evaluation import bits_per_pixel
+    from .info import human_bytes
+    from .paths import LATENT_SUFFIX, expand_inputs, output_paths
 
     sources = expand_inputs(inputs)
     targets = output_paths(sources, output, LATENT_SUFFIX, force)
@@ -115,7 +117,8 @@ def decode(
     force: ForceOption = False,
 ) -> None:
     """Decode latent files to PNG (<stem>.decoded.png beside each input, or into -o)."""
-    from .files import DECODED_SUFFIX, LATENT_SUFFIX, Codecs, decode_file, expand_inputs, output_paths
+    from .codec import Codecs, decode_file
+    from .paths import DECODED_SUFFIX, LATENT_SUFFIX, expand_inputs, output_paths
 
     if decoder not in ("hybrid", "sd", "taesd"):
         fail(f"unknown --decoder {decoder!r}; expected hybrid, sd or taesd")
@@ -132,14 +135,14 @@ def decode(
             image = decode_file(codecs, source, target)
             return f"{source} -> {target} ({image.width}x{image.height})"
     else:
-        from .files import save_image_atomic
+        from .paths import save_image
         from .sd import LatentFileDecoder
 
         sd_decoder = LatentFileDecoder(decoder, vae, device)
 
         def one(source: Path, target: Path) -> str:
             image = sd_decoder.decode(source)
-            save_image_atomic(image, target)
+            save_image(image, target)
             return f"{source} -> {target} ({image.width}x{image.height}, {decoder} decoder)"
 
     run_each(sources, targets, one, "decoding")
@@ -181,7 +184,7 @@ def info(
     path: Annotated[Path, typer.Argument(help="A latent file (.latent.pt) or weights file (.safetensors).")],
 ) -> None:
     """Show what a latent file or a weights file holds."""
-    from .files import describe
+    from .info import describe
 
     for label, value in describe(path).items():
         stdout.print(f"[bold]{label:>15}[/]  {value}", soft_wrap=True)
@@ -198,8 +201,10 @@ def roundtrip(
 ) -> None:
     """Encode and decode IMAGE in memory: PSNR, MS-SSIM, bits per pixel, timings, comparison PNG."""
     from .codec import load_codec
-    from .files import comparison, human_bytes, output_paths, save_image_atomic
-    from .files import roundtrip as run_roundtrip
+    from .evaluation import comparison
+    from .evaluation import roundtrip as run_roundtrip
+    from .info import human_bytes
+    from .paths import output_paths, save_image
 
     target = output_paths([image], output, ".comparison.png", force)[0] if output else None
     result = run_roundtrip(load_codec(model, device), image)
@@ -211,7 +216,7 @@ def roundtrip(
     )
     if target:
         caption = f"{result.psnr:.2f} dB, {result.bpp:.3f} bpp"
-        save_image_atomic(comparison(result.original, result.decoded, caption), target)
+        save_image(comparison(result.original, result.decoded, caption), target)
         stdout.print(f"wrote {target}", soft_wrap=True)
 
 
@@ -242,7 +247,6 @@ def train(
     encoder_hidden: int = 14,
     decoder_hidden: int = 22,
     decoder_kernel: int = 3,
-    kernel_init_scale: float = 1.0,
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Start afresh over an existing --out/checkpoint.")
     ] = False,
@@ -277,7 +281,6 @@ def train(
         seed=seed,
         workers=workers,
         model=config,
-        kernel_init_scale=kernel_init_scale,
         force=force,
     )
     with step_progress("training") as report:

@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .bitstream import Latent
 from .errors import CodecError
-from .images import ImageLike, image_to_pixels, tensor_to_image
-from .latent import Latent
-from .layers import DynamicConv
+from .fast import FastAutoencoder
+from .images import ImageLike, image_to_pixels, open_image, tensor_to_image
 from .models import Autoencoder
+from .paths import save_image, write_atomic
 from .quantize import dequantize, quantize
 from .runtime import check_device
-from .zoo import resolve_weights
+from .zoo import DEFAULT_MODEL, SHIPPED, resolve_weights
 
 
 class Codec:
@@ -32,9 +33,7 @@ class Codec:
         self.config = model.config
         self.name = model.config.name
         self.weights_hash = model.weights_hash()
-        for layer in self.model.modules():  # the weights are fixed from here on: latent files name their hash
-            if isinstance(layer, DynamicConv):
-                layer.freeze()
+        self.fast = FastAutoencoder(self.model)  # the weights are fixed from here on: latent files name their hash
 
     @torch.inference_mode()
     def encode_tensor(self, images: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,7 @@ class Codec:
         images = images.to(self.device, torch.uint8 if images.dtype == torch.uint8 else torch.float32)
         if pad_h or pad_w:
             images = pad_replicate(images, pad_h, pad_w)
-        return self.model.encoder(images)
+        return self.fast.encode(images)
 
     @torch.inference_mode()
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
@@ -58,7 +57,7 @@ class Codec:
             raise CodecError(f"expected latents (B, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}")
         if not torch.isfinite(latents).all():
             raise CodecError("the latents hold NaN or infinite values")
-        return self.model.decoder(latents.to(self.device, torch.float32))
+        return self.fast.decode(latents.to(self.device, torch.float32))
 
     def roundtrip_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """Encode, quantize to 8 bits, decode and crop back: what a latent file gives."""
@@ -142,3 +141,38 @@ def load_codec(name_or_path: str | os.PathLike | None = None, device: str | torc
     path: Path = resolve_weights(name_or_path)
     chosen = pick_device(device)
     return Codec(Autoencoder.from_pretrained(path, device=chosen), device=chosen)
+
+
+def encode_file(codec: Codec, source: Path, target: Path) -> tuple[Latent, int]:
+    """Encode one image file to a latent file; returns the latent and the file's size."""
+    latent = codec.encode(open_image(source))
+    data = latent.to_bytes()
+    write_atomic(target, data)
+    return latent, len(data)
+
+
+class Codecs:
+    """Loads each model once; a latent file's own model is the default for decoding it."""
+
+    def __init__(self, model: str | None, device: str) -> None:
+        # a bad --device or --model is one error before any file, not the same error once per file
+        self.device = pick_device(device)
+        if model is not None:
+            resolve_weights(model)
+        self.model = model
+        self._loaded: dict[str, Codec] = {}
+
+    def get(self, name: str | None = None) -> Codec:
+        name = self.model or name or DEFAULT_MODEL
+        if self.model is None and name not in SHIPPED:
+            raise CodecError(f"this latent names model {name!r}, which is not shipped; pass --model WEIGHTS")
+        if name not in self._loaded:
+            self._loaded[name] = load_codec(name, self.device)
+        return self._loaded[name]
+
+
+def decode_file(codecs: Codecs, source: Path, target: Path) -> Image.Image:
+    latent = Latent.load(source)
+    image = codecs.get(latent.model).decode(latent)
+    save_image(image, target)
+    return image

@@ -6,64 +6,20 @@ one executes no code and needs nothing beside it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .config import CodecConfig
 from .errors import CodecError
 from .layers import DynamicConv
+from .paths import write_atomic
 from .quantize import fake_quantize
 
-LATENT_SPACES = ("native", "sd")
-
-
-@dataclass(frozen=True)
-class CodecConfig:
-    """Everything needed to rebuild a model; saved beside its weights."""
-
-    name: str = "native"
-    latent_space: str = "native"  # "native", or "sd": the raw (unscaled) Stable Diffusion VAE latent space
-    latent_channels: int = 4
-    downscale: int = 8  # encoder kernel and stride, decoder PixelShuffle factor
-    encoder_hidden: int = 14
-    decoder_hidden: int = 22
-    decoder_kernel: int = 3
-
-    def __post_init__(self) -> None:
-        # a config also comes from a weights file's metadata: check types before building anything from it
-        if not isinstance(self.name, str) or not isinstance(self.latent_space, str):
-            raise CodecError(f"model name and latent space must be strings, not {self.name!r}, {self.latent_space!r}")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", int) and (type(value) is not int or value < 1):
-                raise CodecError(f"config field {f.name!r} must be a positive integer, not {value!r}")
-        if self.latent_space not in LATENT_SPACES:
-            raise CodecError(f"unknown latent space {self.latent_space!r}; expected one of {LATENT_SPACES}")
-        if self.decoder_kernel % 2 == 0:
-            raise CodecError(f"decoder_kernel must be odd, not {self.decoder_kernel}")
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CodecConfig:
-        try:
-            fields = json.loads(text)
-            if not isinstance(fields, dict):
-                raise CodecError(f"model config must be a JSON object, not {type(fields).__name__}")
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(fields) - known
-            if unknown:
-                raise CodecError(f"unknown config fields {sorted(unknown)}")
-            return cls(**fields)
-        except (ValueError, TypeError) as exc:
-            raise CodecError(f"invalid model config: {exc}") from None
+__all__ = ["Autoencoder", "CodecConfig", "Decoder", "Encoder", "read_weights", "weights_bytes"]
 
 
 class Encoder(nn.Module):
@@ -72,30 +28,23 @@ class Encoder(nn.Module):
     The image is float in [0, 1], or uint8 in [0, 255] as read from a file (the faster path).
     """
 
-    def __init__(self, config: CodecConfig, kernel_init_scale: float = 1.0) -> None:
+    def __init__(self, config: CodecConfig) -> None:
         super().__init__()
         f = config.downscale
-        self.conv = DynamicConv(
-            3, config.latent_channels, f, stride=f, hidden=config.encoder_hidden, kernel_init_scale=kernel_init_scale
-        )
+        self.conv = DynamicConv(3, config.latent_channels, f, stride=f, hidden=config.encoder_hidden)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.conv(image, input_scale=1 / 255) if image.dtype == torch.uint8 else self.conv(image)
+        return self.conv(image.float() / 255 if image.dtype == torch.uint8 else image)
 
 
 class Decoder(nn.Module):
     """Latent (B, 4, h, w) -> RGB (B, 3, 8h, 8w); clamped to [0, 1] unless `clamp=False` (training)."""
 
-    def __init__(self, config: CodecConfig, kernel_init_scale: float = 1.0) -> None:
+    def __init__(self, config: CodecConfig) -> None:
         super().__init__()
         f = config.downscale
         self.conv = DynamicConv(
-            config.latent_channels,
-            3 * f * f,
-            config.decoder_kernel,
-            padding="same",
-            hidden=config.decoder_hidden,
-            kernel_init_scale=kernel_init_scale,
+            config.latent_channels, 3 * f * f, config.decoder_kernel, padding="same", hidden=config.decoder_hidden
         )
         nn.init.constant_(self.conv.similar_conv.bias, 0.5)  # start at mid-grey, not at a random offset
         self.shuffle = nn.PixelShuffle(f)
@@ -108,11 +57,11 @@ class Decoder(nn.Module):
 class Autoencoder(nn.Module):
     """Encoder + decoder + the config that describes them."""
 
-    def __init__(self, config: CodecConfig, kernel_init_scale: float = 1.0) -> None:
+    def __init__(self, config: CodecConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config, kernel_init_scale)
-        self.decoder = Decoder(config, kernel_init_scale)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """The codec's round trip through 8-bit latents; unclamped while training."""
@@ -128,13 +77,11 @@ class Autoencoder(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the weights and config to one safetensors file, atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "hybrid-codec-weights", "config": self.config.to_json()})
-        os.replace(tmp, path)
+        write_atomic(path, save(tensors, metadata={"format": "hybrid-codec-weights", "config": self.config.to_json()}))
         return path
 
     @classmethod

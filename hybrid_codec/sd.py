@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .bitstream import Latent
 from .codec import Codec, load_codec, pick_device
 from .errors import CodecError
 from .images import ImageLike, image_to_tensor, tensor_to_image
-from .latent import Latent
 
 SD_SCALING_FACTOR = 0.18215
 """SD 1.x / 2.x VAE scaling factor: UNet latents = raw VAE latents * this."""

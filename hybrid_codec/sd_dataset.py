@@ -20,7 +20,7 @@ import torch
 
 from .errors import CodecError
 from .images import find_images, open_image
-from .latent import write_atomic
+from .paths import write_atomic
 from .sd import SD_SCALING_FACTOR, encode_latents, sd_codec
 
 MANIFEST = "sd-latents.json"
@@ -213,17 +213,11 @@ def _assemble(
     out: Path, existing: dict[str, torch.Tensor], parts: _NpyFolder, settings: dict[str, str], keys: list[str]
 ) -> None:
     """Write the single file from what it held plus the finished parts, atomically; then drop the parts."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     npy_to_key = {_npy_name(key): key for key in keys}
     tensors = dict(existing)
     for name, tensor in parts.items():
         tensors[npy_to_key.get(Path(name).as_posix(), name)] = tensor
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata=settings)
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CodecError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    write_atomic(out, save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata=settings))
     shutil.rmtree(parts.folder, ignore_errors=True)

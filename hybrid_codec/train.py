@@ -1,4 +1,4 @@
-"""Training the codec: `hybrid-codec train`, or `torchrun --nproc_per_node N -m hybrid_codec.train ...`.
+"""Training the codec: `hybrid-codec train`, or `torchrun --nproc_per_node N -m hybrid_codec train ...`.
 
 The recipe: random multi-scale crops, quantization-aware training (the decoder always sees
 8-bit latents, with a straight-through gradient), AdamW with warm-up and cosine decay,
@@ -9,9 +9,9 @@ best weights kept, and atomic checkpoints from which a killed run resumes exactl
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from .errors import CodecError
 from .images import image_to_tensor, open_image
 from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
+from .paths import write_atomic
 
 LOSSES = ("mse", "psnr", "ms-ssim", "mix")
 REPRODUCIBLE = ("steps", "batch_size", "crop", "lr", "warmup", "loss", "ema", "clip", "min_scale", "seed")
@@ -72,7 +73,6 @@ class TrainOptions(RunFiles):
     seed: int = 0
     workers: int = 2
     model: CodecConfig = dataclasses.field(default_factory=CodecConfig)
-    kernel_init_scale: float = 1.0
     force: bool = False  # start afresh over an existing --out or checkpoint
 
 
@@ -229,13 +229,9 @@ def restore_run_state(state: dict, model, optimizer, scheduler, ema) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a run killed at any moment leaves the previous checkpoint or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise CodecError(f"{path}: cannot write the checkpoint ({exc})") from None
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -268,7 +264,7 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
         val_paths = val_paths[: opts.val_limit]
 
     torch.manual_seed(opts.seed)
-    model = Autoencoder(opts.model, opts.kernel_init_scale)
+    model = Autoencoder(opts.model)
     if opts.init_from:
         source = Autoencoder.from_pretrained(opts.init_from)
         if source.config != dataclasses.replace(opts.model, name=source.config.name):
@@ -365,9 +361,3 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
     dist.barrier()
     dist.close()
     return TrainResult(opts.out, step, elapsed + time.monotonic() - began, loss_value, best_psnr)
-
-
-if __name__ == "__main__":  # torchrun --nproc_per_node N -m hybrid_codec.train DATA_DIR --out ...
-    from .cli import app
-
-    app(["train", *sys.argv[1:]])

@@ -18,9 +18,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hybrid_codec import zoo
+from hybrid_codec.bitstream import Latent
 from hybrid_codec.cli import app
 from hybrid_codec.codec import load_codec
-from hybrid_codec.latent import Latent
 from hybrid_codec.models import Autoencoder
 
 

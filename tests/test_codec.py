@@ -78,7 +78,7 @@ def test_every_input_kind_gives_the_same_latent(codec, tmp_path):
         assert torch.equal(latent.codes, reference.codes)
         assert torch.equal(latent.low, reference.low) and torch.equal(latent.step, reference.step)
     # a float tensor takes the float path: x / 255 is rounded before the product, not folded into it,
-    # and the 8-bit kernel (native.pixel_mix) rounds the weights to 16 bits: the same latent to a
+    # and the 8-bit kernel (fast.dynamic_from_pixels) rounds the weights to 16 bits: the same latent to a
     # small fraction of one 8-bit step
     latent = codec.encode(tensor)
     assert (latent.codes.int() - reference.codes.int()).abs().max() <= 1
@@ -87,10 +87,10 @@ def test_every_input_kind_gives_the_same_latent(codec, tmp_path):
     torch.testing.assert_close(latent.step, reference.step, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("native", ["1", "0"], ids=["kernel", "pytorch"])
-def test_uint8_tensor_encodes_like_its_float_version(codec, monkeypatch, native):
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["kernel", "pytorch"])
+def test_uint8_tensor_encodes_like_its_float_version(codec, monkeypatch, kernel):
     """8-bit pixels are read as x / 255 by folding 1/255 into the weights: the same latents."""
-    monkeypatch.setenv("HYBRID_CODEC_NATIVE", native)
+    monkeypatch.setenv("HYBRID_CODEC_KERNEL", kernel)
     pixels = torch.from_numpy(smooth_image(37, 29, seed=6)).permute(2, 0, 1)[None]
     got, expected = codec.encode_tensor(pixels), codec.encode_tensor(pixels.float() / 255)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

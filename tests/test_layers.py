@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from loop_reference import loop_dynamic_conv, predictors
 from torch import nn
 
-from hybrid_codec import layers
 from hybrid_codec.layers import POWER_RANGE, DynamicConv, GroupedBatchNorm, HybridDense, hybrid_activation
 from hybrid_codec.layers import _HybridActivation as HybridActivation
 
@@ -77,31 +76,6 @@ def test_vectorized_dynamic_conv_matches_loop_reference(in_ch, out_ch, k, stride
             running_var = torch.cat([mlp[index].running_var for mlp in mlps])
             torch.testing.assert_close(norm.running_mean, running_mean, rtol=0, atol=1e-9)
             torch.testing.assert_close(norm.running_var, running_var, rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("train", [False, True], ids=["eval-bn", "train-bn"])
-def test_chunked_evaluation_matches_loop_reference(monkeypatch, train):
-    """Big inputs run in chunks of patches in eval mode; chunking must not change the result."""
-    layer = random_layer(3, 4, 3, 1, "same", seed=5).train(train)
-    # 7 patches per chunk: 2 x 6 x 5 = 60 patches make 9 chunks, the last one short
-    monkeypatch.setattr(layers, "EVAL_CHUNK_VALUES", 7 * layer.out_channels * layer.hidden)
-    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    mlps = predictors(layer)
-    torch.testing.assert_close(layer(x), loop_dynamic_conv(layer, x, mlps), rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("train", [False, True], ids=["eval-bn", "train-bn"])
-def test_channels_last_and_eight_bit_inputs_match_the_plain_input(train):
-    """An HxWx3 array seen as (1, 3, H, W) is read in memory order, the weights reordered to match;
-    uint8 input is read as x / 255 with the scale folded into the weights."""
-    layer = random_layer(3, 4, 8, 8, 0, seed=9).train(train)
-    pixels = torch.randint(0, 256, (2, 24, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    channels_last = pixels.permute(0, 3, 1, 2)  # a view, as the codec makes of an image array
-    assert layer.reads_channels_last(channels_last) and not layer.reads_channels_last(channels_last.contiguous())
-    expected = loop_dynamic_conv(layer, channels_last.double() / 255)
-    torch.testing.assert_close(layer(channels_last.double() / 255), expected, rtol=0, atol=1e-9)
-    torch.testing.assert_close(layer(channels_last, input_scale=1 / 255), expected, rtol=0, atol=1e-9)
-    torch.testing.assert_close(layer(channels_last.contiguous(), input_scale=1 / 255), expected, rtol=0, atol=1e-9)
 
 
 def test_loop_reference_is_not_trivially_equal_to_similar_conv():
@@ -264,19 +238,19 @@ def test_grouped_hybrid_dense_equals_separate_layers():
 
 def test_grouped_batch_norm_normalizes_each_group_feature_separately():
     norm = GroupedBatchNorm(4, 3).train()
-    x = torch.randn(3, 4, 50) * torch.arange(1, 13.0).view(3, 4, 1) + 5  # (groups, features, N)
+    x = torch.randn(50, 3, 4) * torch.arange(1, 13.0).view(3, 4) + 5  # (N, groups, features)
     y = norm(x)
-    assert y.shape == (3, 4, 50)
-    torch.testing.assert_close(y.mean(-1), torch.zeros(3, 4), atol=1e-5, rtol=0)
-    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(3, 4), atol=1e-3, rtol=0)
+    assert y.shape == (50, 3, 4)
+    torch.testing.assert_close(y.mean(0), torch.zeros(3, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(0, unbiased=False), torch.ones(3, 4), atol=1e-3, rtol=0)
 
 
 def test_grouped_batch_norm_in_eval_mode_is_its_scale_and_shift():
     norm = GroupedBatchNorm(4, 3).train()
-    norm(torch.randn(3, 4, 50) * 3 + 1)  # move the running statistics
+    norm(torch.randn(50, 3, 4) * 3 + 1)  # move the running statistics
     norm.eval()
-    x = torch.randn(3, 4, 7)
-    gain, shift = (t.view(3, 4, 1) for t in norm.scale_and_shift())
+    x = torch.randn(7, 3, 4)
+    gain, shift = (t.view(3, 4) for t in norm.scale_and_shift())
     torch.testing.assert_close(norm(x), x * gain + shift)
 
 
@@ -361,31 +335,3 @@ def test_hybrid_dense_nan_input_gives_zero_not_nan():
     x = torch.tensor([[float("nan"), 0.0, 1.0]], dtype=torch.float64)
     out = dense(x)
     assert torch.equal(out, torch.zeros_like(out))
-
-
-def test_frozen_layer_gives_the_same_output_and_unfreezes_on_train_and_moves():
-    layer = random_layer(4, 3, 3, 1, "same", seed=11).float().eval()
-    x = torch.randn(1, 4, 6, 7, generator=torch.Generator().manual_seed(12))
-    with torch.no_grad():
-        before = layer(x)
-        layer.freeze()
-        assert layer.frozen is not None
-        assert torch.equal(layer(x), before)
-        layer.train()
-        assert layer.frozen is None
-        layer.eval().freeze()
-        layer.double()  # a move makes new weights: the frozen copy would be stale
-        assert layer.frozen is None
-        torch.testing.assert_close(layer(x.double()), before.double(), rtol=1e-5, atol=1e-5)
-        layer.freeze()
-        layer.train()
-        layer.dense1.bias.add_(1.0)  # what training does while unfrozen is seen after eval()
-        assert not torch.allclose(layer.eval()(x.double()), before.double())
-
-
-def test_frozen_weights_are_not_used_for_training_or_gradients():
-    layer = random_layer(4, 3, 3, 1, "same", seed=13).eval()
-    layer.freeze()
-    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    layer(x).sum().backward()  # gradients on: fused from the live parameters
-    assert layer.dense1.weight.grad is not None and layer.dense1.weight.grad.abs().sum() > 0

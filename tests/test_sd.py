@@ -97,7 +97,7 @@ def test_sd_vae_decode_matches_diffusers(vaes, sd_latent_file):
     """The file decode is AutoencoderKL.decode of the dequantized raw latent, mapped from [-1, 1]."""
     from diffusers import AutoencoderKL
 
-    from hybrid_codec.latent import Latent
+    from hybrid_codec.bitstream import Latent
     from hybrid_codec.sd import decode_latent_file
 
     latent = Latent.load(sd_latent_file)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from hybrid_codec import Latent, load_codec
-from hybrid_codec.files import roundtrip
+from hybrid_codec.evaluation import roundtrip
 from hybrid_codec.models import Autoencoder, weights_bytes
 from hybrid_codec.zoo import SHIPPED, weights_dir
 

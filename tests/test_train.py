@@ -127,13 +127,13 @@ def train_in_process(args: list[str]) -> None:
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(image_folder, tmp_path):
-    steps = 40
+    steps = 150  # long enough that the kill lands mid-run
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train_in_process(cli_args(image_folder, straight / "w.safetensors", steps))
 
     broken.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "hybrid_codec.train", *cli_args(image_folder, broken / "w.safetensors", steps)]
+    command = [sys.executable, "-m", "hybrid_codec", "train", *cli_args(image_folder, broken / "w.safetensors", steps)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = broken / "w.ckpt"
     deadline = time.monotonic() + 60
@@ -215,7 +215,7 @@ def test_ddp_two_processes_on_cpu_only_rank_zero_writes(image_folder, tmp_path):
     }
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    command += ["-m", "hybrid_codec.train", image_folder, "--out", out, "--device", "cpu", "--steps", 6]
+    command += ["-m", "hybrid_codec", "train", image_folder, "--out", out, "--device", "cpu", "--steps", 6]
     command += ["--batch-size", 2, "--crop", 32, "--workers", 0, "--encoder-hidden", 4, "--decoder-hidden", 4]
     command += ["--val-dir", image_folder, "--val-every", 3, "--val-limit", 1, "--checkpoint-every", 3, "--warmup", 1]
     done = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True, timeout=120)

@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 64       /* patches per task: four AVX-512 vectors; n is a multiple (native.BLOCK) */
+#define BLOCK 64       /* patches per task: four AVX-512 vectors; n is a multiple (fast.BLOCK) */
 #define MAX_HIDDEN 64  /* hidden features per output channel that the stack buffers hold */
 #define TILE 6         /* weight rows per step of `pixel_mix`: 4 x 6 accumulators, written out by hand */
 
@@ -154,7 +154,7 @@ AVX512 static void mix(const Mix *m) {
  *
  * In float32 the product of the patches with the layer's linear maps takes two thirds of an
  * encode. Here it runs on integer units instead: the pixels are exact 8-bit integers and the
- * weights are rounded to 16 bits per row (`native.pixel_weights`), so one instruction multiplies
+ * weights are rounded to 16 bits per row (`fast.integer_weights`), so one instruction multiplies
  * and adds two pairs per 32-bit lane exactly (AVX-512 VNNI's `vpdpwssd`, or `vpmaddwd` plus
  * `vpaddd` on AVX-512 CPUs without VNNI: the same sums), and the patches are never copied out as
  * floats. Only the weights' rounding differs from float32: relative 1e-5, against the 8-bit
@@ -186,7 +186,7 @@ AVX512 static void gather_pairs(const PixelMix *e, int64_t j0, int32_t *pairs) {
         }
     }
     /* 4 bytes (b0, b1, b2, b3) of one window row -> pairs (b0, b2) and (b1, b3), 16 bits each: the
-       weights are packed in the same order (`native.pixel_weights`) */
+       weights are packed in the same order (`fast.integer_weights`) */
     const __m512i even = _mm512_set1_epi32(0x00ff00ff);
     for (int64_t ky = 0; ky < e->k; ky++) {
         for (int64_t d = 0; d < row_bytes / 4; d++) {
@@ -307,7 +307,7 @@ static int require_avx512(const char *what) {
     return avx512;
 }
 
-/* Python entry point. The caller (hybrid_codec/native.py) checks every tensor's dtype, shape,
+/* Python entry point. The caller (hybrid_codec/fast.py) checks every tensor's dtype, shape,
    contiguity and device and passes data pointers; this checks the sizes it relies on. */
 static PyObject *py_mix(PyObject *self, PyObject *args) {
     Py_ssize_t linear, out, power1, log2_scale1, w2, b2, power2, log2_scale2;
@@ -319,7 +319,7 @@ static PyObject *py_mix(PyObject *self, PyObject *args) {
                           &log2_scale1, &eps1, &w2, &b2, &power2, &log2_scale2, &eps2, &inv_patch, &threads))
         return NULL;
     if (channels < 1 || hidden < 1 || hidden > MAX_HIDDEN || n < 0 || n % BLOCK || out_stride < n || threads < 1) {
-        PyErr_SetString(PyExc_ValueError, "mix: sizes out of range");
+        PyErr_SetString(PyExc_ValueError, "dynamic_from_linear: sizes out of range");
         return NULL;
     }
     if (!require_avx512("mix")) return NULL;
@@ -352,7 +352,7 @@ static PyObject *py_pixel_mix(PyObject *self, PyObject *args) {
         batch * height * width * channels > INT32_MAX || out_channels < 1 || hidden < 1 || hidden > MAX_HIDDEN ||
         rows != 2 * out_channels * hidden + 2 * out_channels || out_stride < n + (BLOCK - n % BLOCK) % BLOCK ||
         threads < 1) {
-        PyErr_SetString(PyExc_ValueError, "pixel_mix: sizes out of range");
+        PyErr_SetString(PyExc_ValueError, "dynamic_from_pixels: sizes out of range");
         return NULL;
     }
     if (!require_avx512("pixel_mix")) return NULL;
@@ -390,15 +390,15 @@ static PyObject *py_activation(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"mix", py_mix, METH_VARARGS, "DynamicConv's eval forward after its matrix product (see native.py)."},
-    {"activation", py_activation, METH_VARARGS, "The HybridDense activation of n values (see native.py)."},
-    {"pixel_mix", py_pixel_mix, METH_VARARGS, "The encoder's forward from 8-bit pixels (see native.py)."},
+    {"dynamic_from_linear", py_mix, METH_VARARGS, "DynamicConv's eval forward after its matrix product (see fast.py)."},
+    {"activation", py_activation, METH_VARARGS, "The HybridDense activation of n values (see fast.py)."},
+    {"dynamic_from_pixels", py_pixel_mix, METH_VARARGS, "The encoder's forward from 8-bit pixels (see fast.py)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods, NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fast", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__native(void) {
+PyMODINIT_FUNC PyInit__fast(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     avx512 = has_avx512();

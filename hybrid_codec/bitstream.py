@@ -1,5 +1,7 @@
 """The latent file: a small dict written with `torch.save`, read with `torch.load(weights_only=True)`.
 
+Reading and writing one needs no model and no kernel.
+
 Fields (format version 1):
 
     format        "hybrid-codec-latent"
@@ -37,8 +39,9 @@ import numpy as np
 import torch
 from isal import isal_zlib
 
+from .config import LATENT_SPACES
 from .errors import CodecError
-from .models import LATENT_SPACES
+from .paths import write_atomic
 from .quantize import dequantize
 
 FORMAT = "hybrid-codec-latent"
@@ -204,15 +207,3 @@ class Latent:
             weights=weights,
             latent_space=space,
         )
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written output."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CodecError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:  # also on Ctrl-C
-        tmp.unlink(missing_ok=True)

@@ -1,0 +1,57 @@
+"""The config that fully describes a model: its layer sizes, its name and its latent space.
+
+Pure data: the bitstream reader validates latent files against it without building a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from .errors import CodecError
+
+LATENT_SPACES = ("native", "sd")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Everything needed to rebuild a model; saved beside its weights."""
+
+    name: str = "native"
+    latent_space: str = "native"  # "native", or "sd": the raw (unscaled) Stable Diffusion VAE latent space
+    latent_channels: int = 4
+    downscale: int = 8  # encoder kernel and stride, decoder PixelShuffle factor
+    encoder_hidden: int = 14
+    decoder_hidden: int = 22
+    decoder_kernel: int = 3
+
+    def __post_init__(self) -> None:
+        # a config also comes from a weights file's metadata: check types before building anything from it
+        if not isinstance(self.name, str) or not isinstance(self.latent_space, str):
+            raise CodecError(f"model name and latent space must be strings, not {self.name!r}, {self.latent_space!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (type(value) is not int or value < 1):
+                raise CodecError(f"config field {f.name!r} must be a positive integer, not {value!r}")
+        if self.latent_space not in LATENT_SPACES:
+            raise CodecError(f"unknown latent space {self.latent_space!r}; expected one of {LATENT_SPACES}")
+        if self.decoder_kernel % 2 == 0:
+            raise CodecError(f"decoder_kernel must be odd, not {self.decoder_kernel}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CodecConfig:
+        try:
+            fields = json.loads(text)
+            if not isinstance(fields, dict):
+                raise CodecError(f"model config must be a JSON object, not {type(fields).__name__}")
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(fields) - known
+            if unknown:
+                raise CodecError(f"unknown config fields {sorted(unknown)}")
+            return cls(**fields)
+        except (ValueError, TypeError) as exc:
+            raise CodecError(f"invalid model config: {exc}") from None

@@ -1,0 +1,88 @@
+"""Where outputs go and how every file is written: never over an existing file without `force`,
+never half-written (a temporary file beside the target, then a rename)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import CodecError
+from .images import find_images
+
+LATENT_SUFFIX = ".latent.pt"
+DECODED_SUFFIX = ".decoded.png"
+
+
+def expand_inputs(inputs: list[Path], pattern: str | None = None) -> list[Path]:
+    """Files as given, folders replaced by the matching files below them (images, or `*pattern`)."""
+    found: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            below = find_images(path) if pattern is None else sorted(path.rglob(f"*{pattern}"))
+            if not below:
+                raise CodecError(f"{path}: folder holds no {'images' if pattern is None else pattern + ' files'}")
+            found.extend(below)
+        elif not path.exists():
+            raise CodecError(f"{path}: no such file")
+        else:
+            found.append(path)
+    return found
+
+
+def output_paths(inputs: list[Path], output: Path | None, suffix: str, force: bool) -> list[Path]:
+    """Where each input's output goes; refuses to overwrite anything unless `force`.
+
+    No -o: beside the input. One input and -o not an existing folder: -o itself (a file).
+    Otherwise -o is a folder (created if needed).
+    """
+
+    def stem(path: Path) -> str:
+        name = path.name
+        return name[: -len(LATENT_SUFFIX)] if name.endswith(LATENT_SUFFIX) else path.stem
+
+    if output is not None and len(inputs) == 1 and not output.is_dir() and output.suffix:
+        targets = [output]
+    elif output is not None:
+        if output.exists() and not output.is_dir():
+            raise CodecError(f"{output}: several outputs need a folder, and this is a file")
+        targets = [output / f"{stem(p)}{suffix}" for p in inputs]
+    else:
+        targets = [p.with_name(f"{stem(p)}{suffix}") for p in inputs]
+    if len(set(targets)) != len(targets):
+        raise CodecError("two inputs would write the same output file; use separate folders")
+    if not force:
+        existing = [t for t in targets if t.exists()]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise CodecError(f"{existing[0]} exists{more}; use --force to overwrite")
+    for target in targets:
+        if not target.parent.exists():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CodecError(f"{target.parent}: cannot create folder ({exc.strerror})") from None
+    return targets
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: never a half-written output."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CodecError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:  # also on Ctrl-C
+        tmp.unlink(missing_ok=True)
+
+
+def save_image(image: Image.Image, target: Path) -> None:
+    buffer = io.BytesIO()
+    fmt = Image.registered_extensions().get(target.suffix.lower())
+    if fmt is None:
+        raise CodecError(f"{target}: unknown image extension (use .png, .jpg, .webp, ...)")
+    image.save(buffer, format=fmt)
+    write_atomic(target, buffer.getvalue())
