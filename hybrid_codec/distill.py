@@ -7,7 +7,7 @@ divided by the targets' variance per channel: a relative error, with every chann
 
 Targets come from a live `diffusers.AutoencoderKL` teacher (fed [-1, 1] images; the student always
 takes [0, 1]) or from precomputed tiles `<image>_y<Y>_x<X>.npy` (see `TileCrops`). The schedule,
-checkpoints, EMA and step sampling are the ones of `train.py`.
+checkpoints, EMA and step sampling are the ones of `training.py`.
 """
 
 from __future__ import annotations
@@ -30,16 +30,7 @@ from .images import open_image
 from .metrics import psnr
 from .models import Autoencoder, CodecConfig
 from .quantize import dequantize, fake_quantize, quantize
-from .train import (
-    Reporter,
-    RunFiles,
-    load_checkpoint,
-    lr_factor,
-    restore_run_state,
-    run_state,
-    save_checkpoint,
-    warmup_ema,
-)
+from .training import Optimization, Reporter, RunFiles, load_checkpoint, save_checkpoint
 
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
 CHECKPOINT_FORMAT = "hybrid-codec-distill-checkpoint"
@@ -295,17 +286,15 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
 
     torch.manual_seed(opts.seed)
     model = Autoencoder(opts.model).to(device)
-    ema = None
-    if opts.ema > 0:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=warmup_ema(opts.ema), use_buffers=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts.warmup, opts.steps))
+    run = Optimization(
+        model, opts.lr, opts.warmup, opts.steps, opts.ema, opts.clip, clip_groups=[model.encoder, model.decoder]
+    )
     start, elapsed, val = 0, 0.0, {}
     if opts.resume:
         state = load_checkpoint(opts.resume)
         if state.get("format") != CHECKPOINT_FORMAT or CodecConfig.from_json(state["config"]) != opts.model:
             raise CodecError(f"{opts.resume}: not a distill checkpoint of this model configuration")
-        restore_run_state(state, model, optimizer, scheduler, ema)
+        run.restore(state)
         start, elapsed, val = state["step"], state["seconds"], state.get("val", {})
         variance = state["variance"] if variance is None else variance
         if start >= opts.steps:
@@ -316,17 +305,14 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
         crops, batch_size=opts.batch_size, sampler=StepSampler(start, opts.steps, opts.batch_size), num_workers=0
     )
 
-    def current() -> Autoencoder:
-        return ema.module if ema is not None else model
-
     def export() -> None:
         final = Autoencoder(opts.model)
-        final.load_state_dict(current().state_dict())
+        final.load_state_dict(run.current().state_dict())
         final.save_pretrained(opts.out)
 
     def checkpoint(step: int) -> None:
         seconds = elapsed + time.monotonic() - began
-        state = run_state(CHECKPOINT_FORMAT, opts, step, seconds, model, optimizer, scheduler, ema)
+        state = run.state(CHECKPOINT_FORMAT, opts, step, seconds)
         save_checkpoint(opts.checkpoint, {**state, "val": val, "variance": variance})
 
     began = time.monotonic()
@@ -361,24 +347,16 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
         loss = latent_loss + opts.image_weight * image_loss
         if not torch.isfinite(loss):
             raise CodecError(f"distillation diverged at step {step} (loss {loss.item()}); lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opts.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.encoder.parameters(), opts.clip)
-            torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), opts.clip)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
+        run.step(loss)
         metrics = {
             "latent_rel": latent_loss.item(),
             "psnr": psnr(images, decoded.detach()),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": run.lr(),
         }
         out_of_time = opts.max_minutes > 0 and (time.monotonic() - began) / 60 >= opts.max_minutes
         last = step == opts.steps or out_of_time
         if val_pairs and (step % opts.val_every == 0 or last):
-            val = evaluate(current(), val_pairs, device)
+            val = evaluate(run.current(), val_pairs, device)
             metrics.update(val)
             export()
         if step % opts.checkpoint_every == 0 or last:

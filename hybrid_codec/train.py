@@ -9,9 +9,7 @@ best weights kept, and atomic checkpoints from which a killed run resumes exactl
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,28 +24,11 @@ from .errors import CodecError
 from .images import image_to_tensor, open_image
 from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
-from .paths import write_atomic
+from .training import Distributed, Optimization, Reporter, RunFiles, load_checkpoint, save_checkpoint
 
 LOSSES = ("mse", "psnr", "ms-ssim", "mix")
 REPRODUCIBLE = ("steps", "batch_size", "crop", "lr", "warmup", "loss", "ema", "clip", "min_scale", "seed")
 """Options that must not change across --resume for the run to end as the uninterrupted one would."""
-
-
-class RunFiles:
-    """What training and distillation options share: the checkpoint's place, and a plain-dict form."""
-
-    out: Path
-    model: CodecConfig
-
-    @property
-    def checkpoint(self) -> Path:
-        """Where the run's checkpoint lives: beside --out, named after it."""
-        return self.out.with_name(self.out.name.removesuffix(".safetensors") + ".ckpt")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_json()
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 @dataclass
@@ -85,39 +66,6 @@ class TrainResult:
     best_val_psnr: float | None
 
 
-Reporter = Callable[[int, int, dict], None]
-"""Called after every step with (step, total_steps, metrics): the CLI draws it."""
-
-
-def lr_factor(step: int, warmup: int, steps: int) -> float:
-    """Linear warm-up, then cosine decay to 5% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def warmup_ema(decay: float):
-    """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
-
-    A fixed 0.999 would still hold a third of the random initialisation at step 1000; the ramp
-    forgets it within a few dozen steps. Integer buffers (BatchNorm's counter) are copied.
-    """
-
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = float(num_averaged)
-        weight = 1 - min(decay, (1 + n) / (10 + n))
-        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
-        for a, c in zip(averaged, current, strict=True):
-            if not a.is_floating_point():
-                a.copy_(c)  # counters such as BatchNorm's num_batches_tracked
-
-    return update
-
-
 def reconstruction_loss(kind: str, image: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
     """The training loss of a batch (B, 3, H, W); "psnr" is minus the mean per-image PSNR.
 
@@ -143,28 +91,6 @@ def validate(model: Autoencoder, paths: list[Path], device: torch.device) -> flo
         image = image_to_tensor(open_image(path)).to(device)
         scores.append(psnr(image, codec.roundtrip_tensor(image)))
     return sum(scores) / len(scores)
-
-
-class _Distributed:
-    """torchrun's environment: rank, world size, and whether this process writes files."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.main = self.rank == 0
-
-    def init(self, device: torch.device) -> None:
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def check_options(opts: TrainOptions) -> None:
@@ -201,52 +127,10 @@ def check_options(opts: TrainOptions) -> None:
                 )
 
 
-def run_state(kind: str, opts: RunFiles, step: int, seconds: float, model, optimizer, scheduler, ema) -> dict:
-    """What a checkpoint of a training or distillation run holds in common."""
-    state = {
-        "format": kind,
-        "config": opts.model.to_json(),
-        "options": opts.to_dict(),
-        "step": step,
-        "seconds": seconds,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-    }
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    return state
-
-
-def restore_run_state(state: dict, model, optimizer, scheduler, ema) -> None:
-    """Load what `run_state` saved back into a run's model, optimizer, schedule and EMA."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if ema is not None and "ema" in state:
-        ema.load_state_dict(state["ema"])
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a run killed at any moment leaves the previous checkpoint or the new one."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise CodecError(f"{path}: no such checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CodecError(f"{path}: not a readable training checkpoint ({type(exc).__name__})") from None
-
-
 def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> TrainResult:
     """Train encoder and decoder together; writes --out (the best or final EMA weights)."""
     check_options(opts)
-    dist = _Distributed()
+    dist = Distributed()
     device = pick_device(opts.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
@@ -271,18 +155,14 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
             raise CodecError(f"{opts.init_from}: its config {source.config} differs from this run's {opts.model}")
         model.load_state_dict(source.state_dict())
     model.to(device)
-    ema = None
-    if opts.ema > 0:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=warmup_ema(opts.ema), use_buffers=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts.warmup, opts.steps))
+    run = Optimization(model, opts.lr, opts.warmup, opts.steps, opts.ema, opts.clip)
     start, best_psnr, elapsed = 0, None, 0.0
 
     if opts.resume:
         state = load_checkpoint(opts.resume)
         if state.get("format") != "hybrid-codec-checkpoint" or CodecConfig.from_json(state["config"]) != opts.model:
             raise CodecError(f"{opts.resume}: not a checkpoint of this model configuration")
-        restore_run_state(state, model, optimizer, scheduler, ema)
+        run.restore(state)
         start, best_psnr, elapsed = state["step"], state["best_val_psnr"], state["seconds"]
         quiet(f"resumed from {opts.resume} at step {start}")
         changed = [
@@ -315,12 +195,9 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
         final.load_state_dict(source.state_dict())
         final.save_pretrained(path)
 
-    def current() -> torch.nn.Module:
-        return ema.module if ema is not None else model
-
     def checkpoint(step: int) -> None:
         seconds = elapsed + time.monotonic() - began
-        state = run_state("hybrid-codec-checkpoint", opts, step, seconds, model, optimizer, scheduler, ema)
+        state = run.state("hybrid-codec-checkpoint", opts, step, seconds)
         save_checkpoint(opts.checkpoint, {**state, "best_val_psnr": best_psnr})
 
     began = time.monotonic()
@@ -333,23 +210,16 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
             loss = reconstruction_loss(opts.loss, images, decoded.float())
         if not torch.isfinite(loss):
             raise CodecError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opts.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
+        run.step(loss)
         loss_value = loss.item()
-        metrics = {"loss": loss_value, "psnr": psnr(images, decoded.detach().float()), "lr": scheduler.get_last_lr()[0]}
+        metrics = {"loss": loss_value, "psnr": psnr(images, decoded.detach().float()), "lr": run.lr()}
         if val_paths and (step % opts.val_every == 0 or step == opts.steps):
             if dist.main:
-                metrics["val_psnr"] = validate(current(), val_paths, device)
+                metrics["val_psnr"] = validate(run.current(), val_paths, device)
                 if best_psnr is None or metrics["val_psnr"] > best_psnr:
                     best_psnr = metrics["val_psnr"]
-                    export_weights(current(), opts.out)
-                current().train()
+                    export_weights(run.current(), opts.out)
+                run.current().train()
                 model.train()
             dist.barrier()
         if dist.main and (step % opts.checkpoint_every == 0 or step == opts.steps):
@@ -357,7 +227,7 @@ def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str
         if dist.main and report:
             report(step, opts.steps, metrics)
     if dist.main and not val_paths:
-        export_weights(current(), opts.out)
+        export_weights(run.current(), opts.out)
     dist.barrier()
     dist.close()
     return TrainResult(opts.out, step, elapsed + time.monotonic() - began, loss_value, best_psnr)
