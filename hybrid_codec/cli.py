@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .options import DistillOptions, TrainOptions
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -220,71 +222,68 @@ def roundtrip(
         stdout.print(f"wrote {target}", soft_wrap=True)
 
 
+def recipe_command(options_class: type, model_fields: tuple[str, ...]):
+    """A typer command whose flags are the recipe's option fields (declared once, with their help) and
+    the model config's `model_fields`; the decorated function takes the built options object."""
+    import dataclasses
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(options_class)
+    config = next(f for f in dataclasses.fields(options_class) if f.name == "model").default_factory()
+    config_hints = typing.get_type_hints(type(config))
+
+    def decorate(run):
+        parameters = []
+        for f in dataclasses.fields(options_class):
+            if f.name == "model":
+                continue
+            required = f.default is dataclasses.MISSING
+            help_text = f.metadata.get("help", "")
+            if f.metadata.get("argument"):
+                info = typer.Argument(help=help_text)
+            elif hints[f.name] is bool:
+                info = typer.Option(f.default, f"--{f.name.replace('_', '-')}", "-f", help=help_text)
+            else:
+                callback = _device_name if f.name == "device" else None
+                info = typer.Option(... if required else f.default, help=help_text, callback=callback)
+            parameters.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hints[f.name])
+            )
+        for name in model_fields:
+            help_text = (
+                "Model name written into the config." if name == "name" else "Model size (see docs/training.md)."
+            )
+            info = typer.Option(getattr(config, name), help=help_text)
+            parameters.append(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=config_hints[name])
+            )
+
+        @functools.wraps(run)
+        def command(**values):
+            model = dataclasses.replace(config, **{name: values.pop(name) for name in model_fields})
+            return run(options_class(**values, model=model))
+
+        command.__signature__ = inspect.Signature(parameters)
+        del command.__wrapped__  # typer reads the signature above, not run's
+        return command
+
+    return decorate
+
+
+def _log(message: str) -> None:
+    err.print(f"[yellow]{message}[/]", soft_wrap=True)
+
+
 @app.command()
 @reports_errors
-def train(
-    data_dir: Annotated[Path, typer.Argument(help="Folder of training images (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", help="Weights file to write (.safetensors).")],
-    steps: int = 10_000,
-    batch_size: int = 8,
-    crop: int = 128,
-    lr: float = 2e-3,
-    warmup: int = 300,
-    loss: Annotated[str, typer.Option(help="mse, psnr (mean per-crop PSNR), ms-ssim or mix.")] = "mse",
-    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
-    clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
-    min_scale: Annotated[float, typer.Option(help="Crops are shown at random scales from min_scale to 1.")] = 0.25,
-    val_dir: Annotated[Path | None, typer.Option(help="Folder of validation images.")] = None,
-    val_every: int = 1000,
-    val_limit: Annotated[int, typer.Option(help="Validate on the first N images (0: all).")] = 0,
-    checkpoint_every: int = 250,
-    resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume from.")] = None,
-    init_from: Annotated[Path | None, typer.Option(help="Weights to fine-tune from.")] = None,
-    device: DeviceOption = "auto",
-    seed: int = 0,
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
-    name: Annotated[str, typer.Option(help="Model name written into the config.")] = "native",
-    encoder_hidden: int = 14,
-    decoder_hidden: int = 22,
-    decoder_kernel: int = 3,
-    force: Annotated[
-        bool, typer.Option("--force", "-f", help="Start afresh over an existing --out/checkpoint.")
-    ] = False,
-) -> None:
+@recipe_command(TrainOptions, ("name", "encoder_hidden", "decoder_hidden", "decoder_kernel"))
+def train(opts) -> None:
     """Train encoder and decoder together on random crops of every image in DATA_DIR."""
-    from .models import CodecConfig
-    from .train import TrainOptions
     from .train import train as run_training
 
-    config = CodecConfig(
-        name=name, encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden, decoder_kernel=decoder_kernel
-    )
-    opts = TrainOptions(
-        data_dir=data_dir,
-        out=out,
-        steps=steps,
-        batch_size=batch_size,
-        crop=crop,
-        lr=lr,
-        warmup=warmup,
-        loss=loss,
-        ema=ema,
-        clip=clip,
-        min_scale=min_scale,
-        val_dir=val_dir,
-        val_every=val_every,
-        val_limit=val_limit,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        init_from=init_from,
-        device=device,
-        seed=seed,
-        workers=workers,
-        model=config,
-        force=force,
-    )
     with step_progress("training") as report:
-        result = run_training(opts, report=report, log=lambda m: err.print(f"[yellow]{m}[/]", soft_wrap=True))
+        result = run_training(opts, report=report, log=_log)
     best = f", best validation PSNR {result.best_val_psnr:.2f} dB" if result.best_val_psnr is not None else ""
     stdout.print(
         f"trained {result.steps} steps in {result.seconds / 60:.1f} min{best}: wrote {result.out}", soft_wrap=True
@@ -293,69 +292,14 @@ def train(
 
 @app.command()
 @reports_errors
-def distill(
-    data_dir: Annotated[Path, typer.Argument(help="Folder of training images (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", help="Weights file to write (.safetensors).")],
-    teacher: Annotated[
-        str | None,
-        typer.Option(
-            help="diffusers AutoencoderKL: Hub id, local folder or .safetensors file "
-            "(default: stabilityai/sd-vae-ft-mse)."
-        ),
-    ] = None,
-    teacher_latents: Annotated[
-        Path | None, typer.Option(help="Folder of precomputed targets <image>_y<Y>_x<X>.npy instead of a teacher.")
-    ] = None,
-    steps: int = 4000,
-    batch_size: int = 8,
-    crop: Annotated[int, typer.Option(help="Side of the random 8-aligned training crops.")] = 128,
-    decoder_crop: Annotated[
-        int, typer.Option(help="The decoder trains on a window this big of each crop (0: all).")
-    ] = 0,
-    lr: float = 2e-3,
-    warmup: int = 200,
-    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
-    image_weight: Annotated[float, typer.Option(help="Weight of the decoder's MSE beside the latent error.")] = 1.0,
-    val_dir: Annotated[Path | None, typer.Option(help="Folder of validation images.")] = None,
-    holdout: Annotated[int, typer.Option(help="Validate on the last N images of DATA_DIR instead of training.")] = 0,
-    val_every: int = 250,
-    checkpoint_every: int = 100,
-    max_minutes: Annotated[float, typer.Option(help="Stop after N minutes; --resume goes on (0: no limit).")] = 0.0,
-    resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume from.")] = None,
-    device: DeviceOption = "auto",
-    seed: int = 0,
-    encoder_hidden: int = 12,
-    decoder_hidden: int = 16,
-) -> None:
+@recipe_command(DistillOptions, ("encoder_hidden", "decoder_hidden"))
+def distill(opts) -> None:
     """Distill the SD-space `sd` model: its encoder learns the SD VAE's latents, its decoder decodes them."""
-    from .distill import DistillOptions, relative_error_report, sd_config
     from .distill import distill as run_distill
+    from .distill import relative_error_report
 
-    opts = DistillOptions(
-        data_dir=data_dir,
-        out=out,
-        teacher=teacher,
-        teacher_latents=teacher_latents,
-        steps=steps,
-        batch_size=batch_size,
-        crop=crop,
-        decoder_crop=decoder_crop,
-        lr=lr,
-        warmup=warmup,
-        ema=ema,
-        image_weight=image_weight,
-        val_dir=val_dir,
-        holdout=holdout,
-        val_every=val_every,
-        checkpoint_every=checkpoint_every,
-        max_minutes=max_minutes,
-        resume=resume,
-        device=device,
-        seed=seed,
-        model=sd_config(encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden),
-    )
     with step_progress("distilling") as report:
-        result = run_distill(opts, report=report, log=lambda m: err.print(f"[yellow]{m}[/]", soft_wrap=True))
+        result = run_distill(opts, report=report, log=_log)
     state = "" if result.finished else " (stopped early: --resume goes on)"
     stdout.print(
         f"distilled {result.steps} steps in {result.seconds / 60:.1f} min{state}, "

@@ -12,7 +12,6 @@ checkpoints, EMA and step sampling are the ones of `training.py`.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -29,50 +28,15 @@ from .errors import CodecError
 from .images import open_image
 from .metrics import psnr
 from .models import Autoencoder, CodecConfig
+from .options import DistillOptions
 from .quantize import dequantize, fake_quantize, quantize
-from .training import Optimization, Reporter, RunFiles, load_checkpoint, save_checkpoint
+from .training import Optimization, Reporter, load_checkpoint, save_checkpoint
 
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
 CHECKPOINT_FORMAT = "hybrid-codec-distill-checkpoint"
 VAL_SIDE = 256
 """Validation looks at the central (at most) VAL_SIDE x VAL_SIDE crop of each image or tile: the
 SD VAE (live teacher) and the decoder are the slow parts; the latent error uses whole tiles."""
-
-
-def sd_config(encoder_hidden: int = 12, decoder_hidden: int = 16, decoder_kernel: int = 3) -> CodecConfig:
-    return CodecConfig(
-        name="sd",
-        latent_space="sd",
-        encoder_hidden=encoder_hidden,
-        decoder_hidden=decoder_hidden,
-        decoder_kernel=decoder_kernel,
-    )
-
-
-@dataclass
-class DistillOptions(RunFiles):
-    data_dir: Path
-    out: Path
-    teacher: str | None = None  # Hub id, folder or checkpoint file; default DEFAULT_VAE["sd"] without --teacher-latents
-    teacher_latents: Path | None = None
-    steps: int = 4000
-    batch_size: int = 8
-    crop: int = 128
-    decoder_crop: int = 0  # the decoder trains on a random window of this side of each crop (0: all of it)
-    lr: float = 2e-3
-    warmup: int = 200
-    ema: float = 0.999  # 0 turns the EMA off
-    clip: float = 1.0  # per network (encoder, decoder); 0 turns it off
-    image_weight: float = 1.0  # weight of the decoder's MSE beside the latent relative error
-    val_dir: Path | None = None
-    holdout: int = 0  # hold the last N images of data_dir (by name) out for validation
-    val_every: int = 250
-    checkpoint_every: int = 100
-    max_minutes: float = 0.0  # stop (checkpoint + export) after this much training time; 0: no limit
-    resume: Path | None = None
-    device: str = "auto"
-    seed: int = 0
-    model: CodecConfig = dataclasses.field(default_factory=sd_config)
 
 
 @dataclass

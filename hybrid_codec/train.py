@@ -24,37 +24,12 @@ from .errors import CodecError
 from .images import image_to_tensor, open_image
 from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
-from .training import Distributed, Optimization, Reporter, RunFiles, load_checkpoint, save_checkpoint
+from .options import TrainOptions
+from .training import Distributed, Optimization, Reporter, load_checkpoint, save_checkpoint
 
 LOSSES = ("mse", "psnr", "ms-ssim", "mix")
 REPRODUCIBLE = ("steps", "batch_size", "crop", "lr", "warmup", "loss", "ema", "clip", "min_scale", "seed")
 """Options that must not change across --resume for the run to end as the uninterrupted one would."""
-
-
-@dataclass
-class TrainOptions(RunFiles):
-    data_dir: Path
-    out: Path
-    steps: int = 10_000
-    batch_size: int = 8
-    crop: int = 128
-    lr: float = 2e-3
-    warmup: int = 300
-    loss: str = "mse"
-    ema: float = 0.999  # EMA decay of the weights; 0 turns the EMA off
-    clip: float = 1.0  # gradient-norm clipping; 0 turns it off
-    min_scale: float = 0.25  # crops are shown at scales from min_scale to 1
-    val_dir: Path | None = None
-    val_every: int = 1000
-    val_limit: int = 0  # validate on the first N images only (0: all)
-    checkpoint_every: int = 250
-    resume: Path | None = None
-    init_from: Path | None = None
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 2
-    model: CodecConfig = dataclasses.field(default_factory=CodecConfig)
-    force: bool = False  # start afresh over an existing --out or checkpoint
 
 
 @dataclass

@@ -6,7 +6,6 @@ torchrun's ranks, and atomic checkpoints from which a killed run resumes exactly
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import os
@@ -16,26 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import CodecError
-from .models import CodecConfig
+from .options import RunFiles
 from .paths import write_atomic
-
-
-class RunFiles:
-    """What training and distillation options share: the checkpoint's place, and a plain-dict form."""
-
-    out: Path
-    model: CodecConfig
-
-    @property
-    def checkpoint(self) -> Path:
-        """Where the run's checkpoint lives: beside --out, named after it."""
-        return self.out.with_name(self.out.name.removesuffix(".safetensors") + ".ckpt")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_json()
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
-
 
 Reporter = Callable[[int, int, dict], None]
 """Called after every step with (step, total_steps, metrics): the CLI draws it."""

@@ -82,7 +82,8 @@ def test_distill_from_tiles_validates_and_resumes(tmp_path, image_folder, tiles)
 
 def test_distill_learns_the_tile_targets(tmp_path, image_folder, tiles):
     """Enough steps on an easy target bring the latent relative error well below 1 (predicting the mean)."""
-    from hybrid_codec.distill import DistillOptions, distill, sd_config
+    from hybrid_codec.distill import distill
+    from hybrid_codec.options import DistillOptions, sd_config
 
     opts = DistillOptions(
         data_dir=image_folder,

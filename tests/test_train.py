@@ -25,7 +25,8 @@ from hybrid_codec import train as train_module
 from hybrid_codec.cli import app
 from hybrid_codec.errors import CodecError
 from hybrid_codec.models import Autoencoder
-from hybrid_codec.train import TrainOptions, reconstruction_loss, train
+from hybrid_codec.options import TrainOptions
+from hybrid_codec.train import reconstruction_loss, train
 from hybrid_codec.training import lr_factor
 
 QUIET = {"log": lambda message: None}
