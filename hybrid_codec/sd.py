@@ -294,13 +294,3 @@ class LatentFileDecoder:
             raise CodecError(f"SD latents have 4 channels, this one has {latent.codes.shape[0]}")
         image = vae_decode(self.vae, latent.dequantize())
         return tensor_to_image(image[0, :, : latent.height, : latent.width])
-
-
-def decode_latent_file(
-    latent: Latent | str | os.PathLike,
-    decoder: str = "sd",
-    vae: str | os.PathLike | None = None,
-    device: str | torch.device = "auto",
-) -> Image.Image:
-    """One SD-space latent file -> image, with the SD VAE (`decoder="sd"`) or TAESD (`"taesd"`)."""
-    return LatentFileDecoder(decoder, vae, device).decode(latent)

@@ -98,13 +98,13 @@ def test_sd_vae_decode_matches_diffusers(vaes, sd_latent_file):
     from diffusers import AutoencoderKL
 
     from hybrid_codec.bitstream import Latent
-    from hybrid_codec.sd import decode_latent_file
+    from hybrid_codec.sd import LatentFileDecoder
 
     latent = Latent.load(sd_latent_file)
     vae = AutoencoderKL.from_pretrained(vaes["sd"]).eval()
     with torch.no_grad():
         expected = ((vae.decode(latent.dequantize()).sample + 1) / 2).clamp(0, 1)[0, :, :37, :45]
-    got = np.asarray(decode_latent_file(sd_latent_file, "sd", vaes["sd"], device="cpu")).astype(np.float32)
+    got = np.asarray(LatentFileDecoder("sd", vaes["sd"], device="cpu").decode(sd_latent_file)).astype(np.float32)
     assert np.abs(got - expected.permute(1, 2, 0).numpy() * 255).max() <= 1.0
 
 
