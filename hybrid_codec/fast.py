@@ -55,12 +55,11 @@ def kernel_available() -> bool:
 class FoldedWeights:
     """One input layout's weights: the (2*O*H + 2*O, P + 1) matrix of everything linear in the patch
     (rows: dense1 before its activation, patch . W_o, patch . b_o, similar_conv; last column: the
-    biases, against the patches' constant 1), dense2 with norm1 folded in, and what the kernel reads."""
+    biases, against the patches' constant 1), dense2 with norm1 folded in, and the pixel kernel's integer weights."""
 
     linear: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
-    kernel_parameters: tuple[torch.Tensor, ...] | None = None  # None: a zero scale, PyTorch runs it
     integers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -78,6 +77,13 @@ class FastDynamicConv:
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
         with torch.no_grad():
             self._channel_first = self._fold_batchnorm()
+            # (power, scale) of both activations, copied: the plan must not see later edits of the layer
+            self._activations = [
+                (d.power[..., None].clone(), d.scale[..., None].clone()) for d in (layer.dense1, layer.dense2)
+            ]
+            self._kernel_parameters = self._kernel_parameters_of(  # None: a zero scale, PyTorch runs it
+                *self._channel_first[1:]
+            )
         self._layouts: dict[tuple[bool, float], FoldedWeights] = {}
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -91,11 +97,11 @@ class FastDynamicConv:
         channels_last = self.reads_channels_last(x)
         weights = self.weights(channels_last, input_scale)
         out = None
-        if weights.kernel_parameters is not None and self.kernel_takes_pixels(x):
+        if self._kernel_parameters is not None and self.kernel_takes_pixels(x):
             out = self._kernel_from_pixels(x, weights)
         if out is None:
             patches = self.patches(x, channels_last, weights.linear.dtype)
-            if weights.kernel_parameters is not None and self.kernel_takes_patches(patches):
+            if self._kernel_parameters is not None and self.kernel_takes_patches(patches):
                 out = self._kernel_from_patches(patches, weights)
             else:
                 chunk = max(1, PYTORCH_CHUNK_VALUES // (self.out_channels * self.hidden))
@@ -111,7 +117,7 @@ class FastDynamicConv:
             linear, w2, b2 = self._channel_first
             with torch.no_grad():
                 linear = self._reorder_columns(linear, channels_last, input_scale)
-                self._layouts[key] = FoldedWeights(linear, w2, b2, self._kernel_parameters(w2, b2))
+                self._layouts[key] = FoldedWeights(linear, w2, b2)
         return self._layouts[key]
 
     def _fold_batchnorm(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,7 +151,7 @@ class FastDynamicConv:
             linear = torch.cat([linear[:, :-1] * input_scale, linear[:, -1:]], dim=1)
         return linear
 
-    def _kernel_parameters(self, w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def _kernel_parameters_of(self, w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """Powers (clamped), log2 |scale| and dense2's folded weights as contiguous float32, per (o, h);
         None if a scale is 0 (0 * inf is NaN for the kernel, 0 for PyTorch: PyTorch runs that layer)."""
         o, h = self.out_channels, self.hidden
@@ -196,13 +202,14 @@ class FastDynamicConv:
         """(N, P + 1) patches -> (O, N): kernel products plus similar_conv, channel-first (O, H, N) so
         that each step is one contiguous batched matrix product or elementwise pass."""
         o, h, p = self.out_channels, self.hidden, self.patch_size
-        d1, d2 = self.layer.dense1, self.layer.dense2
+        (power1, scale1), (power2, scale2) = self._activations
+        eps1, eps2 = self.layer.dense1.eps, self.layer.dense2.eps
         linear = weights.linear @ patches.T  # (2*O*H + 2*O, N)
         lin1, projected = linear[: o * h].view(o, h, -1), linear[o * h : 2 * o * h].view(o, h, -1)
         kernel_bias_part, similar = linear[2 * o * h : 2 * o * h + o], linear[2 * o * h + o :]
-        hidden = hybrid_activation(lin1, d1.power[..., None], d1.scale[..., None], d1.eps)  # (O, H, N)
+        hidden = hybrid_activation(lin1, power1, scale1, eps1)  # (O, H, N)
         lin2 = torch.baddbmm(weights.b2, weights.w2, hidden)
-        hidden = hybrid_activation(lin2, d2.power[..., None], d2.scale[..., None], d2.eps)
+        hidden = hybrid_activation(lin2, power2, scale2, eps2)
         return (hidden.mul_(projected).sum(1) + kernel_bias_part) / p + similar
 
     # ------------------------------------------------------------------ the compiled kernel
@@ -265,7 +272,7 @@ class FastDynamicConv:
                 o,
                 h,
                 part.shape[0],
-                *self._arguments(weights.kernel_parameters),
+                *self._arguments(self._kernel_parameters),
             )
         return out[:, :total]
 
@@ -294,7 +301,7 @@ class FastDynamicConv:
             out.stride(0),
             self.out_channels,
             self.hidden,
-            *self._arguments(weights.kernel_parameters),
+            *self._arguments(self._kernel_parameters),
             bool(_fast.VNNI),
         )
         return out[:, :total]
