@@ -1,8 +1,11 @@
-"""The latent file: a small dict written with `torch.save`, read with `torch.load(weights_only=True)`.
+"""Latent files: the compact quality-level file, and the `.pt` dict that `torch.load` reads.
 
-Reading and writing one needs no model and no kernel.
+The compact file (`.hyb`, `pack` / `unpack`, see docs/format.md) is a 26-byte header and the
+range-coded codes; its tables are the model's, so the codec decodes it. The `.pt` file is a small
+dict written with `torch.save`, read with `torch.load(weights_only=True)`. Reading either needs
+no model and no kernel.
 
-Fields (format version 1):
+`.pt` fields (format version 1: 8-bit codes from each image's own min/max):
 
     format        "hybrid-codec-latent"
     version       1
@@ -18,9 +21,10 @@ Fields (format version 1):
                   bytes would be stored as latin-1 text, 1.5x larger)
 
 Only plain Python values and bytes are stored: no pickled classes of this project, no code.
-The legacy (non-zip) torch.save layout keeps the container to about 500 bytes, which
-matters at 0.5 bits per pixel. `coding` and `bits` leave room for entropy coding and
-quality levels later, as new values, without changing the fields above.
+The legacy (non-zip) torch.save layout keeps the container to about 500 bytes.
+
+Version 2 (a quality-level latent as a `.pt`) has the same first seven fields, then `shape`,
+`level`, `low` (the model's offset), `step` (the level's steps) and `codes`, an int16 tensor.
 """
 
 from __future__ import annotations
@@ -45,7 +49,12 @@ from .paths import write_atomic
 from .quantize import dequantize
 
 FORMAT = "hybrid-codec-latent"
-VERSION = 1
+VERSION = 1  # 8-bit min/max codes
+LEVEL_VERSION = 2  # a quality level's integer codes
+MAGIC = b"HYBC"
+PACKED_VERSION = 1
+HEADER = struct.Struct("<4sBB8sII")  # magic, version, level, weights hash, height, width; then a CRC-32
+HEADER_BYTES = HEADER.size + 4
 CODINGS = ("deflate-delta",)
 MAX_LATENT_VALUES = 64_000_000 // 16  # 4 channels at 1/64 of the largest image the codec accepts
 
@@ -87,12 +96,33 @@ class Latent:
     model: str
     weights: str
     latent_space: str = "native"
+    level: int | None = None  # the quality level (1 = smallest file), or None for 8-bit min/max codes
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.codes.shape))
+        level = f", level={self.level}" if self.level is not None else ""
+        return f"Latent({shape} codes of a {self.height}x{self.width} image, model={self.model!r}{level})"
 
     def dequantize(self) -> torch.Tensor:
         """The latent as a float tensor (1, C, h, w)."""
         return dequantize(self.codes[None], self.low[None], self.step[None])
 
     def to_dict(self) -> dict:
+        if self.level is not None:
+            return {
+                "format": FORMAT,
+                "version": LEVEL_VERSION,
+                "model": self.model,
+                "weights": self.weights,
+                "latent_space": self.latent_space,
+                "height": self.height,
+                "width": self.width,
+                "shape": list(self.codes.shape),
+                "level": self.level,
+                "low": self.low.double().tolist(),
+                "step": self.step.double().tolist(),
+                "codes": self.codes.to(torch.int16).contiguous(),
+            }
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -137,24 +167,20 @@ class Latent:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Latent:
-        path = Path(path)
-        if not path.exists():
-            raise CodecError(f"{path}: no such file")
-        if path.is_dir():
-            raise CodecError(f"{path}: is a folder, not a latent file")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CodecError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        return cls.from_bytes(data, where=str(path))
+        """A `.pt` latent file (a compact file needs its model's tables: `Codec.load` reads both)."""
+        latent = read_file(path)
+        if isinstance(latent, Packed):
+            raise CodecError(f"{path}: a compact file; read it with its model (Codec.load)")
+        return latent
 
     @classmethod
     def from_dict(cls, fields: object) -> Latent:
         """Check every field; anything unexpected is refused with the field's name."""
         if not isinstance(fields, dict) or fields.get("format") != FORMAT:
             raise CodecError("not a hybrid-codec latent file")
-        if type(fields.get("version")) is not int or fields["version"] != VERSION:  # not True, not 1.0
-            raise CodecError(f"latent format version {fields.get('version')!r} is not supported (this reads {VERSION})")
+        version = fields.get("version")
+        if type(version) is not int or version not in (VERSION, LEVEL_VERSION):  # not True, not 1.0
+            raise CodecError(f"latent format version {version!r} is not supported (this reads 1 and 2)")
 
         def field(name: str, kind: type | tuple[type, ...]):
             if name not in fields:
@@ -165,40 +191,35 @@ class Latent:
             return value
 
         model, weights, space = field("model", str), field("weights", str), field("latent_space", str)
-        height, width, bits, coding = (
-            field("height", int),
-            field("width", int),
-            field("bits", int),
-            field("coding", str),
-        )
-        shape, low, step, payload = (
-            field("shape", list),
-            field("low", list),
-            field("step", list),
-            field("payload", torch.Tensor),
-        )
+        height, width, shape = field("height", int), field("width", int), field("shape", list)
+        low, step = field("low", list), field("step", list)
         if space not in LATENT_SPACES:
             raise CodecError(f"unknown latent space {space!r}")
-        if coding not in CODINGS or bits != 8:
-            raise CodecError(f"unsupported latent coding {coding!r} with {bits} bits")
-        if len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
-            raise CodecError(f"latent shape {shape!r} is not three positive integers")
+        check_shape(shape, height, width)
         channels, h, w = shape
-        if math.prod(shape) > MAX_LATENT_VALUES:
-            raise CodecError(f"latent shape {shape} is too large")
-        if not (0 < height <= 8 * h and 0 < width <= 8 * w and height > 8 * (h - 1) and width > 8 * (w - 1)):
-            raise CodecError(f"image size {height}x{width} does not match latent shape {shape}")
         for name, values in (("low", low), ("step", step)):
             if len(values) != channels or not all(isinstance(v, float) and math.isfinite(v) for v in values):
                 raise CodecError(f"latent field {name!r} must hold {channels} finite numbers")
         if not all(v > 0 for v in step):
             raise CodecError("latent field 'step' must be positive")
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            kind = f"{payload.dtype} {list(payload.shape)}"
-            raise CodecError(f"latent field 'payload' must be a 1-D uint8 tensor, not {kind}")
-        codes = _decode_codes(payload.numpy().tobytes(), (channels, h, w))
+        level = None
+        if version == VERSION:
+            bits, coding, payload = field("bits", int), field("coding", str), field("payload", torch.Tensor)
+            if coding not in CODINGS or bits != 8:
+                raise CodecError(f"unsupported latent coding {coding!r} with {bits} bits")
+            if payload.dtype != torch.uint8 or payload.dim() != 1:
+                kind = f"{payload.dtype} {list(payload.shape)}"
+                raise CodecError(f"latent field 'payload' must be a 1-D uint8 tensor, not {kind}")
+            codes = torch.from_numpy(_decode_codes(payload.numpy().tobytes(), (channels, h, w)).copy())
+        else:
+            level, codes = field("level", int), field("codes", torch.Tensor)
+            if not 1 <= level <= 255:
+                raise CodecError(f"latent field 'level' must be 1 to 255, not {level}")
+            if codes.dtype != torch.int16 or list(codes.shape) != shape:
+                raise CodecError(f"latent field 'codes' must be an int16 tensor of shape {shape}")
+            codes = codes.to(torch.int32)
         return cls(
-            codes=torch.from_numpy(codes.copy()),
+            codes=codes,
             low=torch.tensor(low, dtype=torch.float32),
             step=torch.tensor(step, dtype=torch.float32),
             height=height,
@@ -206,4 +227,82 @@ class Latent:
             model=model,
             weights=weights,
             latent_space=space,
+            level=level,
         )
+
+
+def check_shape(shape: list, height: int, width: int) -> None:
+    """A latent shape of three positive integers that fits the image size, and not too large."""
+    if len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise CodecError(f"latent shape {shape!r} is not three positive integers")
+    _, h, w = shape
+    if math.prod(shape) > MAX_LATENT_VALUES:
+        raise CodecError(f"latent shape {shape} is too large")
+    if not (0 < height <= 8 * h and 0 < width <= 8 * w and height > 8 * (h - 1) and width > 8 * (w - 1)):
+        raise CodecError(f"image size {height}x{width} does not match latent shape {shape}")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A compact file, read and checked: the header's fields and the entropy-coded codes."""
+
+    level: int
+    weights: str  # the hash of the weights that wrote it: their tables decode `payload`
+    height: int
+    width: int
+    payload: bytes
+
+    def latent_shape(self, channels: int, downscale: int = 8) -> tuple[int, int, int]:
+        return channels, -(-self.height // downscale), -(-self.width // downscale)
+
+
+def pack(weights: str, level: int, height: int, width: int, payload: bytes) -> bytes:
+    """The compact file: the header, its CRC-32 (over header and payload), then the payload."""
+    header = HEADER.pack(MAGIC, PACKED_VERSION, level, bytes.fromhex(weights), height, width)
+    return header + struct.pack("<I", zlib.crc32(payload, zlib.crc32(header))) + payload
+
+
+def unpack(data: bytes) -> Packed:
+    """Check a compact file's every field; anything wrong is one CodecError naming it."""
+    if len(data) < HEADER_BYTES:
+        raise CodecError(f"truncated: {len(data)} bytes, shorter than the {HEADER_BYTES}-byte header")
+    magic, version, level, weights, height, width = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise CodecError("not a hybrid-codec file")
+    if version != PACKED_VERSION:
+        raise CodecError(f"file format version {version} is not supported (this reads {PACKED_VERSION})")
+    (crc,) = struct.unpack_from("<I", data, HEADER.size)
+    payload = data[HEADER_BYTES:]
+    if zlib.crc32(payload, zlib.crc32(data[: HEADER.size])) != crc:
+        raise CodecError("corrupt or truncated file (its checksum does not match)")
+    if level < 1:
+        raise CodecError("quality level 0 does not exist (levels start at 1)")
+    if height < 1 or width < 1 or -(-height // 8) * -(-width // 8) * 4 > MAX_LATENT_VALUES:
+        raise CodecError(f"image size {height}x{width} is out of range")
+    if len(payload) % 4:
+        raise CodecError("corrupt file: the payload is not a whole number of 32-bit words")
+    return Packed(level=level, weights=weights.hex(), height=height, width=width, payload=payload)
+
+
+def read(data: bytes, where: str = "latent") -> Latent | Packed:
+    """Either kind of latent file, by its first bytes."""
+    if data[: len(MAGIC)] == MAGIC:
+        try:
+            return unpack(data)
+        except CodecError as exc:
+            raise CodecError(f"{where}: {exc}") from None
+    return Latent.from_bytes(data, where)
+
+
+def read_file(path: str | os.PathLike) -> Latent | Packed:
+    """`read` of a file, with one clear error for a missing, unreadable or folder path."""
+    path = Path(path)
+    if not path.exists():
+        raise CodecError(f"{path}: no such file")
+    if path.is_dir():
+        raise CodecError(f"{path}: is a folder, not a latent file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CodecError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return read(data, where=str(path))

@@ -42,6 +42,12 @@ def _device_name(value: str) -> str:
 
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_device_name)]
 ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
+QualityOption = Annotated[
+    int | None,
+    typer.Option(
+        "--quality", "-q", help="Quality level, 1 (smallest file) to the model's highest. [default: 4]", min=1
+    ),
+]
 OutOption = Annotated[Path | None, typer.Option("--output", "-o", help="Output file (one input) or folder.")]
 
 
@@ -79,24 +85,29 @@ def reports_errors(command):
 def encode(
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
     output: OutOption = None,
+    quality: QualityOption = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     force: ForceOption = False,
 ) -> None:
-    """Encode images to latent files (<stem>.latent.pt beside each input, or into -o)."""
+    """Encode images to latent files (<stem>.hyb beside each input, or into -o; -o NAME.latent.pt
+    writes the torch.load-able dict instead; models without quality levels write only that)."""
     from .codec import encode_file, load_codec
     from .evaluation import bits_per_pixel
     from .info import human_bytes
-    from .paths import LATENT_SUFFIX, expand_inputs, output_paths
+    from .paths import LATENT_SUFFIX, PT_SUFFIX, expand_inputs, output_paths
 
     sources = expand_inputs(inputs)
-    targets = output_paths(sources, output, LATENT_SUFFIX, force)
     codec = load_codec(model, device)
+    codec.check_quality(quality)  # a bad level is one error before any file
+    suffix = LATENT_SUFFIX if codec.quality_levels else PT_SUFFIX  # without levels, a .pt is all there is
+    targets = output_paths(sources, output, suffix, force)
 
     def one(source: Path, target: Path) -> str:
-        latent, size = encode_file(codec, source, target)
+        latent, size = encode_file(codec, source, target, quality)
         bpp = bits_per_pixel(size, latent.height, latent.width)
-        return f"{source} -> {target} ({human_bytes(size)}, {bpp:.3f} bpp)"
+        level = f", quality {latent.level}" if latent.level is not None else ""
+        return f"{source} -> {target} ({human_bytes(size)}, {bpp:.3f} bpp{level})"
 
     run_each(sources, targets, one, "encoding")
 
@@ -120,7 +131,7 @@ def decode(
 ) -> None:
     """Decode latent files to PNG (<stem>.decoded.png beside each input, or into -o)."""
     from .codec import Codecs, decode_file
-    from .paths import DECODED_SUFFIX, LATENT_SUFFIX, expand_inputs, output_paths
+    from .paths import DECODED_SUFFIX, LATENT_SUFFIXES, expand_inputs, output_paths
 
     if decoder not in ("hybrid", "sd", "taesd"):
         fail(f"unknown --decoder {decoder!r}; expected hybrid, sd or taesd")
@@ -128,7 +139,7 @@ def decode(
         fail("--vae goes with --decoder sd or --decoder taesd")
     if decoder != "hybrid" and model is not None:
         fail(f"--model picks the hybrid decoder's weights; --decoder {decoder} uses --vae")
-    sources = expand_inputs(inputs, pattern=LATENT_SUFFIX)
+    sources = expand_inputs(inputs, suffixes=LATENT_SUFFIXES)
     targets = output_paths(sources, output, DECODED_SUFFIX, force)
     if decoder == "hybrid":
         codecs = Codecs(model, device)
@@ -183,7 +194,7 @@ def run_each(sources: list[Path], targets: list[Path], job, description: str) ->
 @app.command()
 @reports_errors
 def info(
-    path: Annotated[Path, typer.Argument(help="A latent file (.latent.pt) or weights file (.safetensors).")],
+    path: Annotated[Path, typer.Argument(help="A latent file (.hyb, .latent.pt) or weights file (.safetensors).")],
 ) -> None:
     """Show what a latent file or a weights file holds."""
     from .info import describe
@@ -197,6 +208,7 @@ def info(
 def roundtrip(
     image: Annotated[Path, typer.Argument(help="An image to encode and decode in memory.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Side-by-side comparison PNG to write.")] = None,
+    quality: QualityOption = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     force: ForceOption = False,
@@ -209,9 +221,10 @@ def roundtrip(
     from .paths import output_paths, save_image
 
     target = output_paths([image], output, ".comparison.png", force)[0] if output else None
-    result = run_roundtrip(load_codec(model, device), image)
+    result = run_roundtrip(load_codec(model, device), image, quality)
+    level = f"quality {result.level}  " if result.level is not None else ""
     stdout.print(
-        f"{image}: PSNR {result.psnr:.2f} dB  MS-SSIM {result.ms_ssim:.4f}  "
+        f"{image}: {level}PSNR {result.psnr:.2f} dB  MS-SSIM {result.ms_ssim:.4f}  "
         f"{result.bpp:.3f} bpp ({human_bytes(result.latent_bytes)})  "
         f"encode {result.encode_ms:.1f} ms  decode {result.decode_ms:.1f} ms",
         soft_wrap=True,

@@ -1,7 +1,8 @@
-"""The codec: images of any size in, latent objects out, and back.
+"""The codec: images of any size in, latent objects and files out, and back.
 
 `encode_tensor` / `decode_tensor` are the batched tensor-level calls for training and SD work;
-`encode` / `decode` add 8-bit quantization, latent files and exact cropping to any size.
+`encode` / `decode` add quantization (a quality level's learned steps, or 8-bit min/max for
+models without levels) and exact cropping to any size; `compress` / `decompress` add the file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .bitstream import Latent
+from . import bitstream
+from .bitstream import Latent, Packed
 from .errors import CodecError
 from .fast import FastAutoencoder
 from .images import ImageLike, image_to_pixels, open_image, tensor_to_image
@@ -22,6 +24,8 @@ from .paths import save_image, write_atomic
 from .quantize import dequantize, quantize
 from .runtime import check_device
 from .zoo import DEFAULT_MODEL, SHIPPED, resolve_weights
+
+DEFAULT_QUALITY = 4  # see the README's table: the first level within 0.1 dB of the best
 
 
 class Codec:
@@ -34,6 +38,23 @@ class Codec:
         self.name = model.config.name
         self.weights_hash = model.weights_hash()
         self.fast = FastAutoencoder(self.model)  # the weights are fixed from here on: latent files name their hash
+        self.levels = self.model.levels  # None for models without quality levels
+
+    @property
+    def quality_levels(self) -> int:
+        return self.levels.count if self.levels is not None else 0
+
+    def check_quality(self, quality: int | None) -> int | None:
+        """The level to encode at: `quality`, or the default; None for a model without levels."""
+        if self.levels is None:
+            if quality is not None:
+                raise CodecError(f"model {self.name!r} has no quality levels; leave out the quality")
+            return None
+        if quality is None:
+            return min(DEFAULT_QUALITY, self.quality_levels)
+        if type(quality) is not int or not 1 <= quality <= self.quality_levels:
+            raise CodecError(f"quality must be an integer from 1 to {self.quality_levels}, not {quality!r}")
+        return quality
 
     @torch.inference_mode()
     def encode_tensor(self, images: torch.Tensor) -> torch.Tensor:
@@ -65,14 +86,22 @@ class Codec:
         latents = dequantize(*quantize(self.encode_tensor(images)))
         return self.decode_tensor(latents)[..., :height, :width]
 
-    def encode(self, image: ImageLike) -> Latent | list[Latent]:
+    def encode(self, image: ImageLike, quality: int | None = None) -> Latent | list[Latent]:
         """An image (path, PIL, uint8 array or tensor) -> a Latent; a batch -> a list of them.
 
+        `quality` is the level, 1 (smallest file) to `quality_levels`; by default `DEFAULT_QUALITY`.
         A (B, 3, H, W) tensor is a batch, and gives a list even when B is 1.
         """
+        level = self.check_quality(quality)
         batched = isinstance(image, torch.Tensor) and image.dim() == 4
         images = image_to_pixels(image)  # 8-bit images stay 8-bit: the encoder reads them directly
-        codes, low, step = quantize(self.encode_tensor(images))
+        latent = self.encode_tensor(images)
+        if level is None:
+            codes, low, step = quantize(latent)
+        else:
+            codes = self.levels.codes(latent.cpu(), level)
+            low = self.levels.offset.expand(len(codes), -1)
+            step = self.levels.steps[level - 1].expand(len(codes), -1)
         latents = [
             Latent(
                 codes=codes[i].cpu(),
@@ -83,6 +112,7 @@ class Codec:
                 model=self.name,
                 weights=self.weights_hash,
                 latent_space=self.config.latent_space,
+                level=level,
             )
             for i in range(images.shape[0])
         ]
@@ -101,13 +131,59 @@ class Codec:
                 f"latent has {latent.codes.shape[0]} channels; this model uses {self.config.latent_channels}"
             )
 
-    def decode(self, latent: Latent | str | os.PathLike) -> Image.Image:
-        """A Latent (or latent file) -> PIL image of the original size."""
-        if not isinstance(latent, Latent):
-            latent = Latent.load(latent)
+    def decode(self, latent: Latent | Packed | bytes | str | os.PathLike) -> Image.Image:
+        """A Latent (or a latent file, its bytes) -> PIL image of the original size."""
+        latent = self.load(latent)
         self.check(latent)
         image = self.decode_tensor(latent.dequantize())
         return tensor_to_image(image[0, :, : latent.height, : latent.width])
+
+    def to_bytes(self, latent: Latent) -> bytes:
+        """The compact file of a quality-level latent; the `.pt` dict of an 8-bit one."""
+        if latent.level is None:
+            return latent.to_bytes()
+        self.check(latent)
+        payload = self.levels.coder(latent.level).compress(latent.codes.numpy())
+        return bitstream.pack(self.weights_hash, latent.level, latent.height, latent.width, payload)
+
+    def compress(self, image: ImageLike, quality: int | None = None) -> bytes:
+        """An image -> the bytes of its latent file."""
+        return self.to_bytes(self.encode(image, quality))
+
+    def decompress(self, data: bytes) -> Image.Image:
+        return self.decode(data)
+
+    def load(self, source: Latent | Packed | bytes | str | os.PathLike) -> Latent:
+        """Any latent file, or its bytes, as a Latent; a compact one is entropy-decoded with this model's tables."""
+        if isinstance(source, bytes):
+            source = bitstream.read(source)
+        elif not isinstance(source, Latent | Packed):
+            source = bitstream.read_file(source)
+        if isinstance(source, Latent):
+            return source
+        if source.weights != self.weights_hash:
+            raise CodecError(
+                f"this file was made by weights {source.weights}, not by the weights decoding it "
+                f"({self.name!r}, {self.weights_hash}); decode it with the weights that encoded it (--model)"
+            )
+        if source.level > self.quality_levels:
+            raise CodecError(f"quality level {source.level} does not exist in model {self.name!r}")
+        shape = source.latent_shape(self.config.latent_channels, self.config.downscale)
+        try:
+            codes = self.levels.coder(source.level).decompress(source.payload, shape)
+        except ValueError as exc:
+            raise CodecError(f"corrupt file: {exc}") from None
+        return Latent(
+            codes=torch.from_numpy(codes),
+            low=self.levels.offset.clone(),
+            step=self.levels.steps[source.level - 1].clone(),
+            height=source.height,
+            width=source.width,
+            model=self.name,
+            weights=self.weights_hash,
+            latent_space=self.config.latent_space,
+            level=source.level,
+        )
 
 
 def pad_replicate(images: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
@@ -143,10 +219,10 @@ def load_codec(name_or_path: str | os.PathLike | None = None, device: str | torc
     return Codec(Autoencoder.from_pretrained(path, device=chosen), device=chosen)
 
 
-def encode_file(codec: Codec, source: Path, target: Path) -> tuple[Latent, int]:
-    """Encode one image file to a latent file; returns the latent and the file's size."""
-    latent = codec.encode(open_image(source))
-    data = latent.to_bytes()
+def encode_file(codec: Codec, source: Path, target: Path, quality: int | None = None) -> tuple[Latent, int]:
+    """Encode one image file to a latent file (a `.pt` dict if `target` ends in .pt); the latent and its size."""
+    latent = codec.encode(open_image(source), quality)
+    data = latent.to_bytes() if target.suffix == ".pt" else codec.to_bytes(latent)
     write_atomic(target, data)
     return latent, len(data)
 
@@ -170,9 +246,18 @@ class Codecs:
             self._loaded[name] = load_codec(name, self.device)
         return self._loaded[name]
 
+    def for_file(self, latent: Latent | Packed) -> Codec:
+        """The codec for a latent file: --model, else the shipped model it names or whose weights made it."""
+        if self.model is not None or isinstance(latent, Latent):
+            return self.get(latent.model if isinstance(latent, Latent) else None)
+        for name in SHIPPED:  # a compact file names only its weights' hash
+            if self.get(name).weights_hash == latent.weights:
+                return self.get(name)
+        raise CodecError(f"no shipped model has the weights {latent.weights} that made this file; pass --model WEIGHTS")
+
 
 def decode_file(codecs: Codecs, source: Path, target: Path) -> Image.Image:
-    latent = Latent.load(source)
-    image = codecs.get(latent.model).decode(latent)
+    latent = bitstream.read_file(source)
+    image = codecs.for_file(latent).decode(latent)
     save_image(image, target)
     return image

@@ -25,6 +25,7 @@ class CodecConfig:
     encoder_hidden: int = 14
     decoder_hidden: int = 22
     decoder_kernel: int = 3
+    quality_levels: int = 0  # learned quantization steps and entropy tables (0: 8-bit min/max latents only)
 
     def __post_init__(self) -> None:
         # a config also comes from a weights file's metadata: check types before building anything from it
@@ -32,15 +33,21 @@ class CodecConfig:
             raise CodecError(f"model name and latent space must be strings, not {self.name!r}, {self.latent_space!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", int) and (type(value) is not int or value < 1):
-                raise CodecError(f"config field {f.name!r} must be a positive integer, not {value!r}")
+            least = 0 if f.name == "quality_levels" else 1
+            if f.type in ("int", int) and (type(value) is not int or value < least):
+                raise CodecError(f"config field {f.name!r} must be an integer >= {least}, not {value!r}")
+        if self.quality_levels > 255:
+            raise CodecError(f"at most 255 quality levels, not {self.quality_levels}")
         if self.latent_space not in LATENT_SPACES:
             raise CodecError(f"unknown latent space {self.latent_space!r}; expected one of {LATENT_SPACES}")
         if self.decoder_kernel % 2 == 0:
             raise CodecError(f"decoder_kernel must be odd, not {self.decoder_kernel}")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not self.quality_levels:  # the JSON of models from before quality levels, which their hash covers
+            del fields["quality_levels"]
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CodecConfig:

@@ -27,17 +27,19 @@ class RoundTrip:
     latent_bytes: int
     encode_ms: float
     decode_ms: float
+    level: int | None = None
 
 
-def roundtrip(codec: Codec, source: Path) -> RoundTrip:
-    """Encode and decode in memory; quality, size and timings of what the files would hold."""
+def roundtrip(codec: Codec, source: Path, quality: int | None = None) -> RoundTrip:
+    """Encode to file bytes and decode them, in memory; quality, size and timings of what a file would hold."""
     original = open_image(source)
     begin = time.perf_counter()
-    latent = codec.encode(original)
+    latent = codec.encode(original, quality)
+    data = codec.to_bytes(latent)
     middle = time.perf_counter()
-    decoded = codec.decode(latent)
+    decoded = codec.decode(data)
     end = time.perf_counter()
-    size = len(latent.to_bytes())
+    size = len(data)
     a, b = image_to_tensor(original), image_to_tensor(decoded)
     return RoundTrip(
         original=original,
@@ -48,6 +50,7 @@ def roundtrip(codec: Codec, source: Path) -> RoundTrip:
         latent_bytes=size,
         encode_ms=(middle - begin) * 1000,
         decode_ms=(end - middle) * 1000,
+        level=latent.level,
     )
 
 

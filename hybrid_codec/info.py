@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bitstream import Latent
+from . import bitstream
+from .bitstream import Packed
 from .errors import CodecError
 from .evaluation import bits_per_pixel
 
@@ -27,17 +28,29 @@ def describe(path: Path) -> dict[str, object]:
             f"hidden {c.encoder_hidden}): {weights_bytes(model.encoder) / 1000:.1f} KB",
             "decoder": f"DynamicConv({c.latent_channels}, {3 * c.downscale**2}, kernel {c.decoder_kernel}, "
             f"hidden {c.decoder_hidden}) + PixelShuffle({c.downscale}): {weights_bytes(model.decoder) / 1000:.1f} KB",
+            "quality levels": str(c.quality_levels) if c.quality_levels else "none (8-bit min/max latents)",
             "config": c.to_json(),
         }
-    latent = Latent.load(path)
+    latent = bitstream.read_file(path)
     size = path.stat().st_size
+    if isinstance(latent, Packed):
+        return {
+            "kind": f"hybrid-codec compact file (format {bitstream.PACKED_VERSION})",
+            "quality level": latent.level,
+            "weights hash": latent.weights,
+            "image size": f"{latent.width}x{latent.height}",
+            "file size": f"{size:,} bytes ({bitstream.HEADER_BYTES} of header)",
+            "bits per pixel": f"{bits_per_pixel(size, latent.height, latent.width):.3f}",
+        }
+    version = bitstream.VERSION if latent.level is None else bitstream.LEVEL_VERSION
     return {
-        "kind": "hybrid-codec latent (format 1)",
+        "kind": f"hybrid-codec latent (.pt format {version})",
         "model": latent.model,
         "weights hash": latent.weights,
         "latent space": latent.latent_space,
         "image size": f"{latent.width}x{latent.height}",
         "latent shape": "x".join(str(n) for n in latent.codes.shape),
+        "quality level": latent.level if latent.level is not None else "none (8-bit min/max codes)",
         "file size": f"{size:,} bytes",
         "bits per pixel": f"{bits_per_pixel(size, latent.height, latent.width):.3f}",
     }

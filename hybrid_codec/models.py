@@ -16,6 +16,7 @@ from torch import nn
 from .config import CodecConfig
 from .errors import CodecError
 from .layers import DynamicConv
+from .levels import QualityLevels
 from .paths import write_atomic
 from .quantize import fake_quantize
 
@@ -62,6 +63,7 @@ class Autoencoder(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.levels = QualityLevels(config.quality_levels, config.latent_channels) if config.quality_levels else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """The codec's round trip through 8-bit latents; unclamped while training."""

@@ -12,18 +12,24 @@ from PIL import Image
 from .errors import CodecError
 from .images import find_images
 
-LATENT_SUFFIX = ".latent.pt"
+LATENT_SUFFIX = ".hyb"  # the compact file; a target ending in .pt gets the torch.save dict instead
+PT_SUFFIX = ".latent.pt"
+LATENT_SUFFIXES = (LATENT_SUFFIX, PT_SUFFIX)
 DECODED_SUFFIX = ".decoded.png"
 
 
-def expand_inputs(inputs: list[Path], pattern: str | None = None) -> list[Path]:
-    """Files as given, folders replaced by the matching files below them (images, or `*pattern`)."""
+def expand_inputs(inputs: list[Path], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Files as given, folders replaced by the matching files below them (images, or files ending in a suffix)."""
     found: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            below = find_images(path) if pattern is None else sorted(path.rglob(f"*{pattern}"))
+            if suffixes is None:
+                below = find_images(path)
+            else:
+                below = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
             if not below:
-                raise CodecError(f"{path}: folder holds no {'images' if pattern is None else pattern + ' files'}")
+                what = "images" if suffixes is None else " or ".join(suffixes) + " files"
+                raise CodecError(f"{path}: folder holds no {what}")
             found.extend(below)
         elif not path.exists():
             raise CodecError(f"{path}: no such file")
@@ -41,7 +47,10 @@ def output_paths(inputs: list[Path], output: Path | None, suffix: str, force: bo
 
     def stem(path: Path) -> str:
         name = path.name
-        return name[: -len(LATENT_SUFFIX)] if name.endswith(LATENT_SUFFIX) else path.stem
+        for suffix in LATENT_SUFFIXES:
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return path.stem
 
     if output is not None and len(inputs) == 1 and not output.is_dir() and output.suffix:
         targets = [output]

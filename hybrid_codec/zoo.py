@@ -7,9 +7,10 @@ from pathlib import Path
 
 from .errors import CodecError
 
-DEFAULT_MODEL = "native"
+DEFAULT_MODEL = "photo"
 SHIPPED = {
-    "native": "native.safetensors",  # the default codec, trained on photos
+    "photo": "photo.safetensors",  # the default codec: `native` fine-tuned with a rate term, with quality levels
+    "native": "native.safetensors",  # the first codec, 8-bit min/max latents only: it reads the files it wrote
     "sd": "sd.safetensors",  # encoder into the Stable Diffusion VAE latent space, and its decoder
 }
 

@@ -240,7 +240,7 @@ def test_missing_input_and_empty_folder(work):
     (work / "empty" / "notes.txt").write_text("no images here")
     before = snapshot(work)
     fails("encode", work / "empty", "-m", work / "tiny.safetensors", match="holds no images")
-    fails("decode", work / "empty", "-m", work / "tiny.safetensors", match="holds no .latent.pt files")
+    fails("decode", work / "empty", "-m", work / "tiny.safetensors", match="holds no .hyb or .latent.pt files")
     fails("decode", work / "missing.latent.pt", "-m", work / "tiny.safetensors", match="no such file")
     fails("info", work / "missing.latent.pt", match="no such file")
     fails("roundtrip", work / "missing.png", "-m", work / "tiny.safetensors", match="no such file")

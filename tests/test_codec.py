@@ -224,11 +224,11 @@ def test_pick_device():
 
 def test_shipped_names_resolve_to_the_weights_folder(tmp_path, monkeypatch, tiny_weights):
     monkeypatch.setattr(zoo, "weights_dir", lambda: tmp_path)
-    with pytest.raises(CodecError, match="shipped weights 'native' are missing"):
+    with pytest.raises(CodecError, match="shipped weights 'photo' are missing"):
         zoo.resolve_weights(None)
-    (tmp_path / "native.safetensors").write_bytes(tiny_weights.read_bytes())
-    assert zoo.resolve_weights(None) == tmp_path / "native.safetensors"
-    assert zoo.resolve_weights("native") == tmp_path / "native.safetensors"
+    (tmp_path / "photo.safetensors").write_bytes(tiny_weights.read_bytes())
+    assert zoo.resolve_weights(None) == tmp_path / "photo.safetensors"
+    assert zoo.resolve_weights("photo") == tmp_path / "photo.safetensors"
     assert load_codec(device="cpu").name == "tiny"
     assert zoo.resolve_weights(tiny_weights) == tiny_weights
 

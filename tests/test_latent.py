@@ -175,7 +175,7 @@ def change(**values):
 BAD_VALUES = [
     pytest.param(change(format="hybrid-codec-weights"), "not a hybrid-codec latent file", id="format-other"),
     pytest.param(change(format=None), "not a hybrid-codec latent file", id="format-none"),
-    pytest.param(change(version=2), "version 2 is not supported", id="version-2"),
+    pytest.param(change(version=3), "version 3 is not supported", id="version-3"),
     pytest.param(change(version=0), "version 0 is not supported", id="version-0"),
     pytest.param(change(version="1"), "version '1' is not supported", id="version-str"),
     pytest.param(change(version=True), "version True is not supported", id="version-bool"),
