@@ -161,21 +161,20 @@ def decode(
     run_each(sources, targets, one, "decoding")
 
 
-def run_each(sources: list[Path], targets: list[Path], job, description: str) -> None:
-    """Run `job` on each pair; a progress bar for several; one error line per failure, exit 1 if any."""
+def progress_bar(*extra, **options):
+    """The one look of every progress bar, on stderr: description, bar, N/M, time left, then `extra` columns."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, *extra, console=err, **options)
+
+
+def run_each(sources: list[Path], targets: list[Path], job, description: str) -> None:
+    """Run `job` on each pair; a progress bar for several; one error line per failure, exit 1 if any."""
     from .errors import CodecError
 
     failures = 0
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=len(sources) < 2,
-    )
+    progress = progress_bar(disable=len(sources) < 2)
     with progress:
         task = progress.add_task(description, total=len(sources))
         for source, target in zip(sources, targets, strict=False):
@@ -233,6 +232,79 @@ def roundtrip(
         caption = f"{result.psnr:.2f} dB, {result.bpp:.3f} bpp"
         save_image(comparison(result.original, result.decoded, caption), target)
         stdout.print(f"wrote {target}", soft_wrap=True)
+
+
+@app.command("eval")
+@reports_errors
+def eval_(
+    folder: Annotated[Path, typer.Argument(help="A folder of images (e.g. CBSD68).")],
+    model: ModelOption = None,
+    classic: Annotated[
+        str, typer.Option(help="Classic codecs to compare with, comma-separated (JPEG, WebP, AVIF; empty: none).")
+    ] = "JPEG,WebP,AVIF",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every per-image number to this file.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw PSNR- and MS-SSIM-vs-bpp curves into this PNG.")] = None,
+    device: DeviceOption = "auto",
+    force: ForceOption = False,
+) -> None:
+    """Every quality level beside JPEG, WebP and AVIF quality sweeps: bpp, PSNR, MS-SSIM, times, BD-rate."""
+    import math
+
+    from rich.table import Table
+
+    from . import rd
+    from .codec import load_codec
+    from .images import find_images
+    from .paths import output_paths
+
+    for path in (json_out, plot):
+        if path is not None:
+            output_paths([folder], path, path.suffix, force)
+    try:
+        import bjontegaard  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError:
+        fail("eval needs the [eval] extra: pip install 'hybrid-codec[eval]'")
+    classics = tuple(name.strip() for name in classic.split(",") if name.strip())
+    codec = load_codec(model, device)
+    rd.jobs(codec, classics)  # an unknown codec name is one error before any image
+    count = len(find_images(folder)) if folder.is_dir() else 0
+    with progress_bar() as progress:
+        task = progress.add_task("evaluating", total=count)
+        points = rd.evaluate(folder, codec, classics, advance=lambda: progress.advance(task))
+    rows = rd.means(points)
+    table = Table(title=f"{folder}: {count} images, means (times: medians)")
+    for column in ("codec", "setting", "bpp", "PSNR dB", "MS-SSIM", "encode ms", "decode ms"):
+        table.add_column(column, justify="left" if column == "codec" else "right")
+    for r in rows:
+        setting = f"q{r.setting}" if r.codec in rd.CLASSIC else f"level {r.setting}" if r.setting else "8-bit"
+        table.add_row(
+            r.codec,
+            setting,
+            f"{r.bpp:.3f}",
+            f"{r.psnr:.2f}",
+            f"{r.ms_ssim:.4f}",
+            f"{r.encode_ms:.1f}",
+            f"{r.decode_ms:.1f}",
+        )
+    stdout.print(table)
+    found = rd.deltas(rows, codec.name)
+    for d in found:
+
+        def show(value: float, unit: str, digits: int) -> str:
+            return f"{value:+.{digits}f}{unit}" if math.isfinite(value) else "n/a (no common range)"
+
+        stdout.print(
+            f"{codec.name} vs {d.anchor}: BD-rate {show(d.bd_rate, '%', 1)}  BD-PSNR {show(d.bd_psnr, ' dB', 2)}  "
+            f"BD-MS-SSIM {show(d.bd_ms_ssim, '', 4)}",
+            soft_wrap=True,
+        )
+    if json_out:
+        rd.write_json(json_out, points, rows, found)
+        stdout.print(f"wrote {json_out}", soft_wrap=True)
+    if plot:
+        rd.plot(plot, rows, title=f"{folder.name}: {count} images")
+        stdout.print(f"wrote {plot}", soft_wrap=True)
 
 
 def recipe_command(options_class: type, model_fields: tuple[str, ...]):
@@ -368,20 +440,12 @@ def step_progress(description: str):
     """A rich progress bar fed by (step, total, metrics) reports; plain log lines when not a terminal."""
     import contextlib
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import TextColumn
 
     @contextlib.contextmanager
     def manager():
         last_val: dict[str, float] = {}
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[metrics]}"),
-            console=err,
-            refresh_per_second=2,
-        )
+        progress = progress_bar(TextColumn("{task.fields[metrics]}"), refresh_per_second=2)
         task = progress.add_task(description, total=None, metrics="")
         interactive = err.is_terminal
 

@@ -194,8 +194,12 @@ def fit_tables(residual_counts: np.ndarray) -> np.ndarray:
     scaled = counts / counts.sum(-1, keepdims=True) * (TOTAL - SYMBOLS)
     tables = np.floor(scaled).astype(np.int64) + 1
     leftover = TOTAL - tables.sum(-1)
-    np.put_along_axis(tables, scaled.argmax(-1)[..., None], np.take_along_axis(
-        tables, scaled.argmax(-1)[..., None], -1) + leftover[..., None], -1)
+    np.put_along_axis(
+        tables,
+        scaled.argmax(-1)[..., None],
+        np.take_along_axis(tables, scaled.argmax(-1)[..., None], -1) + leftover[..., None],
+        -1,
+    )
     return tables
 
 

@@ -27,7 +27,8 @@ class QualityLevels(nn.Module):
         self.register_buffer("steps", torch.ones(levels, channels))
         self.register_buffer("offset", torch.zeros(channels))
         self.register_buffer(
-            "tables", torch.full((levels, channels, entropy.CONTEXTS, entropy.SYMBOLS), entropy.TOTAL // entropy.SYMBOLS)
+            "tables",
+            torch.full((levels, channels, entropy.CONTEXTS, entropy.SYMBOLS), entropy.TOTAL // entropy.SYMBOLS),
         )
         self.tables[..., 0] += entropy.TOTAL - self.tables.sum(-1)
 
