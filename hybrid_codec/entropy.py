@@ -149,7 +149,7 @@ class EntropyCoder:
             if self._one_call(table, runs):
                 encoder.encode(symbols, self._per_symbol, self._probabilities[table])
             else:
-                for start, stop in zip(runs[:-1], runs[1:]):
+                for start, stop in zip(runs[:-1], runs[1:], strict=True):
                     encoder.encode(symbols[start:stop], self._models[table[start]])
             escaped = values[symbols == ESCAPE]
             if escaped.size:
@@ -173,7 +173,7 @@ class EntropyCoder:
                 symbols = decoder.decode(self._per_symbol, self._probabilities[table])
             else:
                 symbols = np.concatenate(
-                    [decoder.decode(self._models[table[a]], b - a) for a, b in zip(runs[:-1], runs[1:])]
+                    [decoder.decode(self._models[table[a]], b - a) for a, b in zip(runs[:-1], runs[1:], strict=True)]
                 )
             values = prediction.ravel()[order] + symbols.astype(np.int32) - RADIUS
             escaped = symbols == ESCAPE

@@ -182,7 +182,7 @@ def deltas(rows: list[Mean], model: str) -> list[Delta]:
     for anchor in dict.fromkeys(r.codec for r in rows if r.codec != model):
         ref = curve(rows, anchor)
 
-        def measure(fn, dist: str) -> float:
+        def measure(fn, dist: str, ref: list[Mean] = ref) -> float:
             if len(test) < 2 or len(ref) < 2:
                 return math.nan
             args = (
