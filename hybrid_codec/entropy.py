@@ -86,11 +86,25 @@ def phases(height: int, width: int) -> tuple[Phase, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=64)
+def all_phases(height: int, width: int) -> tuple[Phase, np.ndarray]:
+    """Every phase in one: the encoder knows all codes, so it predicts them all at once.
+
+    Also each phase's first position in the concatenation, and the end."""
+    parts = phases(height, width)
+    if not parts:
+        return Phase(np.zeros(0, np.int64), np.zeros((4, 0), np.int64)), np.zeros(1, np.int64)
+    joined = Phase(np.concatenate([p.targets for p in parts]), np.concatenate([p.neighbours for p in parts], axis=1))
+    return joined, np.cumsum([0] + [p.targets.size for p in parts])
+
+
 def predict(plane: np.ndarray, phase: Phase) -> tuple[np.ndarray, np.ndarray]:
-    """(C, h * w) int codes -> per target, the integer prediction and the context, each (C, n)."""
-    values = plane[:, phase.neighbours]  # (C, 4, n)
-    prediction = values.sum(axis=1) >> 2  # floor of the mean, in integers
-    spread = values.max(axis=1) - values.min(axis=1)
+    """(C, h * w) int16 codes -> per target, the integer prediction and the context, each (C, n).
+
+    int16 holds every sum of four codes within +-CODE_LIMIT, and moves half the bytes of int32."""
+    a, b, c, d = (plane[:, index] for index in phase.neighbours)
+    prediction = (a + b + c + d) >> 2  # floor of the mean, in integers
+    spread = np.maximum(np.maximum(a, b), np.maximum(c, d)) - np.minimum(np.minimum(a, b), np.minimum(c, d))
     return prediction, np.minimum(spread, CONTEXTS - 1)
 
 
@@ -126,34 +140,44 @@ class EntropyCoder:
         return order, table, np.r_[0, np.flatnonzero(table[1:] != table[:-1]) + 1, table.size]
 
     @staticmethod
-    def _one_call(table: np.ndarray, runs: np.ndarray) -> bool:
+    def _one_call(symbols: int, bounds: int) -> bool:
         """Short runs cost more in calls than a table per symbol costs in copying."""
-        return table.size < PER_SYMBOL_BELOW or len(runs) > table.size // 32
+        return symbols < PER_SYMBOL_BELOW or bounds - 1 > symbols // 32
 
     def compress(self, codes: np.ndarray) -> bytes:
         """(C, h, w) integer codes within +-CODE_LIMIT -> bytes."""
         channels, height, width = codes.shape
         if channels != self.channels:
             raise ValueError(f"codes have {channels} channels; the tables are for {self.channels}")
-        plane = np.ascontiguousarray(codes, dtype=np.int32).reshape(channels, -1)
-        if np.abs(plane).max(initial=0) > CODE_LIMIT:
+        if np.abs(codes).max(initial=0) > CODE_LIMIT:
             raise ValueError(f"codes must lie within +-{CODE_LIMIT}")
+        plane = np.ascontiguousarray(codes, dtype=np.int16).reshape(channels, -1)
         encoder = self._stream.queue.RangeEncoder()
-        encoder.encode(plane[:, 0] + CODE_LIMIT, self._uniform)
-        for phase in phases(height, width):
-            prediction, context = predict(plane, phase)
-            order, table, runs = self._order(context)
-            values = plane[:, phase.targets].ravel()[order]
-            residual = values - prediction.ravel()[order]
-            symbols = np.where(np.abs(residual) <= RADIUS, residual + RADIUS, ESCAPE).astype(np.int32)
-            if self._one_call(table, runs):
-                encoder.encode(symbols, self._per_symbol, self._probabilities[table])
+        encoder.encode(plane[:, 0].astype(np.int32) + CODE_LIMIT, self._uniform)
+        joined, starts = all_phases(height, width)
+        prediction, context = predict(plane, joined)
+        tables = channels * CONTEXTS
+        # the decoder's order: phase by phase, and within one sorted by table, stably
+        phase = np.repeat(np.arange(len(starts) - 1, dtype=np.uint16), np.diff(starts))
+        key = (phase * tables + np.arange(channels, dtype=np.uint16)[:, None] * CONTEXTS + context).ravel()
+        order = np.argsort(key.astype(np.uint16), kind="stable")
+        key = key[order]
+        values = plane[:, joined.targets].ravel()[order]
+        residual = values - prediction.ravel()[order]
+        symbols = np.where(np.abs(residual) <= RADIUS, residual + RADIUS, ESCAPE).astype(np.int32)
+        table = key % tables
+        bounds = np.r_[0, np.flatnonzero(key[1:] != key[:-1]) + 1, key.size]  # runs of one table
+        for p in range(len(starts) - 1):
+            begin, end = starts[p] * channels, starts[p + 1] * channels
+            runs = bounds[np.searchsorted(bounds, begin) : np.searchsorted(bounds, end) + 1]
+            if self._one_call(end - begin, len(runs)):
+                encoder.encode(symbols[begin:end], self._per_symbol, self._probabilities[table[begin:end]])
             else:
-                for start, stop in zip(runs[:-1], runs[1:], strict=True):
-                    encoder.encode(symbols[start:stop], self._models[table[start]])
-            escaped = values[symbols == ESCAPE]
+                for a, b in zip(runs[:-1], runs[1:], strict=True):
+                    encoder.encode(symbols[a:b], self._models[table[a]])
+            escaped = values[begin:end][symbols[begin:end] == ESCAPE]
             if escaped.size:
-                encoder.encode(escaped + CODE_LIMIT, self._uniform)
+                encoder.encode(escaped.astype(np.int32) + CODE_LIMIT, self._uniform)
         return encoder.get_compressed().tobytes()
 
     def decompress(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
@@ -164,12 +188,12 @@ class EntropyCoder:
         if len(data) % 4:
             raise EntropyError("the payload is not a whole number of 32-bit words")
         decoder = self._stream.queue.RangeDecoder(np.frombuffer(data, dtype=np.uint32).copy())
-        plane = np.zeros((channels, height * width), dtype=np.int32)
-        plane[:, 0] = decoder.decode(self._uniform, channels).astype(np.int32) - CODE_LIMIT
+        plane = np.zeros((channels, height * width), dtype=np.int16)
+        plane[:, 0] = decoder.decode(self._uniform, channels) - CODE_LIMIT
         for phase in phases(height, width):
             prediction, context = predict(plane, phase)
             order, table, runs = self._order(context)
-            if self._one_call(table, runs):
+            if self._one_call(table.size, len(runs)):
                 symbols = decoder.decode(self._per_symbol, self._probabilities[table])
             else:
                 symbols = np.concatenate(
@@ -182,7 +206,7 @@ class EntropyCoder:
             coded = np.empty_like(values)
             coded[order] = values
             plane[:, phase.targets] = coded.reshape(channels, -1)
-        return plane.reshape(shape)
+        return plane.reshape(shape).astype(np.int32)
 
 
 def fit_tables(residual_counts: np.ndarray) -> np.ndarray:
@@ -206,7 +230,7 @@ def fit_tables(residual_counts: np.ndarray) -> np.ndarray:
 def symbol_counts(codes: np.ndarray) -> np.ndarray:
     """How often each (channel, context, symbol) occurs when coding `codes` (C, h, w)."""
     channels, height, width = codes.shape
-    plane = np.ascontiguousarray(codes, dtype=np.int32).reshape(channels, -1)
+    plane = np.ascontiguousarray(codes, dtype=np.int16).reshape(channels, -1)
     counts = np.zeros((channels, CONTEXTS, SYMBOLS), dtype=np.int64)
     for phase in phases(height, width):
         prediction, context = predict(plane, phase)
