@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .options import DistillOptions, TrainOptions
+from .options import DistillOptions, TrainOptions, option_info
 
 app = typer.Typer(
     add_completion=False,
@@ -324,8 +324,9 @@ def recipe_command(options_class: type, model_fields: tuple[str, ...]):
             if f.name == "model":
                 continue
             required = f.default is dataclasses.MISSING
-            help_text = f.metadata.get("help", "")
-            if f.metadata.get("argument"):
+            declared = option_info(options_class, f.name)
+            help_text = declared.get("help", "")
+            if declared.get("argument"):
                 info = typer.Argument(help=help_text)
             elif hints[f.name] is bool:
                 info = typer.Option(f.default, f"--{f.name.replace('_', '-')}", "-f", help=help_text)
@@ -404,16 +405,12 @@ def sd_latents(
     batch_size: int = 8,
     model: Annotated[str, typer.Option("--model", "-m", help="SD-space model: sd, or a weights file.")] = "sd",
     device: DeviceOption = "auto",
-    force: Annotated[bool, typer.Option("--force", "-f", help="Start over instead of resuming.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Drop what an earlier run wrote and start over.")] = False,
 ) -> None:
     """Precompute SD latents for every image in FOLDER (resumable: a second run skips what is done)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .sd_dataset import write_sd_latents
 
-    progress = Progress(
-        TextColumn("[bold]sd-latents"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err
-    )
+    progress = progress_bar()
     tasks = []
 
     def update(done: int, total: int) -> None:  # the bar appears once the inputs and settings are checked
@@ -424,7 +421,14 @@ def sd_latents(
 
     try:
         job = write_sd_latents(
-            folder, out, scaled=scaled, batch_size=batch_size, device=device, model=model, force=force, progress=update
+            folder,
+            out,
+            scaled=scaled,
+            batch_size=batch_size,
+            device=device,
+            model=model,
+            restart=restart,
+            progress=update,
         )
     finally:
         progress.stop()

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .errors import CodecError
-from .images import MAX_PIXELS, find_images, open_image
+from .images import MAX_PIXELS, find_images, open_image, pixels_to_tensor
 
 MIN_SIDE = 16
 """Images with a side shorter than this are skipped: they hold no useful 8x8 structure."""
@@ -96,7 +96,7 @@ class RandomCrops(torch.utils.data.Dataset):
             patch = np.asarray(Image.fromarray(patch).resize((self.crop, self.crop), Image.BICUBIC))
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
-        return torch.from_numpy(patch.copy()).permute(2, 0, 1).float().div_(255.0)
+        return pixels_to_tensor(patch)
 
 
 class StepSampler(torch.utils.data.Sampler[int]):

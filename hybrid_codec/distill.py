@@ -7,13 +7,12 @@ divided by the targets' variance per channel: a relative error, with every chann
 
 Targets come from a live `diffusers.AutoencoderKL` teacher (fed [-1, 1] images; the student always
 takes [0, 1]) or from precomputed tiles `<image>_y<Y>_x<X>.npy` (see `TileCrops`). The schedule,
-checkpoints, EMA and step sampling are the ones of `training.py`.
+checkpoints, EMA and step sampling are the loop's (`training.fit`).
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,30 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .codec import pick_device
-from .data import RandomCrops, StepSampler, usable_images
+from .data import RandomCrops, usable_images
 from .errors import CodecError
-from .images import open_image
+from .images import open_image, pixels_to_tensor
 from .metrics import psnr
-from .models import Autoencoder, CodecConfig
+from .models import Autoencoder
 from .options import DistillOptions
 from .quantize import dequantize, fake_quantize, quantize
-from .training import Optimization, Reporter, load_checkpoint, save_checkpoint
+from .training import Distributed, FitResult, Recipe, Reporter, fit
 
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
-CHECKPOINT_FORMAT = "hybrid-codec-distill-checkpoint"
 VAL_SIDE = 256
 """Validation looks at the central (at most) VAL_SIDE x VAL_SIDE crop of each image or tile: the
 SD VAE (live teacher) and the decoder are the slow parts; the latent error uses whole tiles."""
-
-
-@dataclass
-class DistillResult:
-    out: Path
-    steps: int
-    seconds: float
-    finished: bool  # False when --max-minutes stopped it early: --resume continues
-    val: dict[str, float]
 
 
 # ---------------------------------------------------------------- precomputed targets
@@ -134,15 +122,12 @@ class TileCrops(torch.utils.data.Dataset):
         top = int(rng.integers(0, target.shape[1] - side + 1))
         left = int(rng.integers(0, target.shape[2] - side + 1))
         patch = pixels[top * f : (top + side) * f, left * f : (left + side) * f]
-        image = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div_(255.0)
-        return image, torch.from_numpy(np.ascontiguousarray(target[:, top : top + side, left : left + side]))
+        window = np.ascontiguousarray(target[:, top : top + side, left : left + side])
+        return pixels_to_tensor(patch), torch.from_numpy(window)
 
     def whole(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every (tile image, tile latent) pair whole: the validation set."""
-        return [
-            (torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float().div_(255.0), torch.from_numpy(t))
-            for p, t in self.pairs
-        ]
+        return [(pixels_to_tensor(p), torch.from_numpy(t)) for p, t in self.pairs]
 
 
 # ---------------------------------------------------------------- live teacher
@@ -207,134 +192,95 @@ def _split(opts: DistillOptions, log: Callable[[str], None]) -> tuple[list[Path]
     return paths, val
 
 
-def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> DistillResult:
-    """Train the SD-space student; writes --out (the EMA weights) at every validation and at the end."""
-    factor = opts.model.downscale
-    if opts.crop % factor or opts.crop < factor:
-        raise CodecError(f"--crop must be a positive multiple of {factor}")
-    decoder_side = (opts.decoder_crop or opts.crop) // factor
-    if opts.decoder_crop % factor or decoder_side * factor > opts.crop or decoder_side < 1:
-        raise CodecError(f"--decoder-crop must be a multiple of {factor} no larger than --crop")
-    if opts.steps < 1 or opts.batch_size < 1:
-        raise CodecError("--steps and --batch-size must be positive")
-    if opts.model.latent_space != "sd":
-        raise CodecError("distill trains SD-space models: the config's latent_space must be 'sd'")
-    device = pick_device(opts.device)
-    train_paths, val_paths = _split(opts, log)
+class Distillation(Recipe):
+    """The SD recipe: the encoder learns the teacher's latents, the decoder decodes the student's own."""
 
-    teacher = None
-    if opts.teacher_latents is not None:
-        if opts.teacher is not None:
+    checkpoint_format = "hybrid-codec-distill-checkpoint"
+
+    def __init__(self, opts: DistillOptions) -> None:
+        self.opts = opts
+        self.teacher: torch.nn.Module | None = None
+        self.val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.variance: torch.Tensor | None = None  # per latent channel, of the targets
+
+    def check(self) -> None:
+        opts, factor = self.opts, self.opts.model.downscale
+        decoder_side = (opts.decoder_crop or opts.crop) // factor
+        if opts.decoder_crop % factor or decoder_side * factor > opts.crop or decoder_side < 1:
+            raise CodecError(f"--decoder-crop must be a multiple of {factor} no larger than --crop")
+        if opts.model.latent_space != "sd":
+            raise CodecError("distill trains SD-space models: the config's latent_space must be 'sd'")
+        if opts.teacher is not None and opts.teacher_latents is not None:
             raise CodecError("give --teacher or --teacher-latents, not both")
+        if Distributed().world > 1:  # the loss calls the encoder and decoder apart, which DDP does not see
+            raise CodecError("distill runs in one process: start it without torchrun")
+
+    def setup(self, device: torch.device, log: Callable[[str], None]) -> torch.utils.data.Dataset:
+        opts, factor, self.device = self.opts, self.opts.model.downscale, device
+        train_paths, val_paths = _split(opts, log)
+        if opts.teacher_latents is None:
+            from .sd import DEFAULT_VAE, load_vae
+
+            self.teacher = load_vae("sd", opts.teacher or DEFAULT_VAE["sd"], device)
+            for path in val_paths:
+                image = _central_crop(pixels_to_tensor(np.asarray(open_image(path))), VAL_SIDE, factor)
+                self.val_pairs.append((image, teacher_latents(self.teacher, image[None].to(device))[0].cpu()))
+            return RandomCrops(train_paths, opts.crop, opts.seed, min_scale=0.5)
         tiles = find_tiles(opts.teacher_latents, train_paths, warn=log)
         if not tiles:
-            raise CodecError(
-                f"{opts.teacher_latents}: no <image>_y<Y>_x<X>.npy tiles for the images in {opts.data_dir}"
-            )
+            folder = opts.teacher_latents
+            raise CodecError(f"{folder}: no <image>_y<Y>_x<X>.npy tiles for the images in {opts.data_dir}")
         crops = TileCrops(tiles, opts.crop, opts.seed, opts.model.latent_channels, factor)
         val_tiles = find_tiles(opts.teacher_latents, val_paths, warn=lambda m: None) if val_paths else []
-        val_pairs = TileCrops(val_tiles, factor, opts.seed, opts.model.latent_channels, factor).whole()
-        if val_paths and not val_pairs:
+        self.val_pairs = TileCrops(val_tiles, factor, opts.seed, opts.model.latent_channels, factor).whole()
+        if val_paths and not self.val_pairs:
             log(f"no teacher tiles for the {len(val_paths)} validation images: validation is off")
-        variance = torch.from_numpy(np.concatenate([t.reshape(t.shape[0], -1) for _, t in crops.pairs], 1).var(1))
-    else:
-        from .sd import DEFAULT_VAE, load_vae
+        self.variance = torch.from_numpy(np.concatenate([t.reshape(t.shape[0], -1) for _, t in crops.pairs], 1).var(1))
+        return crops
 
-        teacher = load_vae("sd", opts.teacher or DEFAULT_VAE["sd"], device)
-        crops = RandomCrops(train_paths, opts.crop, opts.seed, min_scale=0.5)
-        val_pairs = []
-        for path in val_paths:
-            image = _central_crop(torch.from_numpy(np.array(open_image(path))).permute(2, 0, 1) / 255.0, VAL_SIDE, 8)
-            val_pairs.append((image, teacher_latents(teacher, image[None].to(device))[0].cpu()))
-        variance = None  # estimated from the first batch, then kept in the checkpoint
+    def clip_groups(self, model: Autoencoder) -> list[torch.nn.Module]:
+        return [model.encoder, model.decoder]  # their two losses differ in scale
 
-    torch.manual_seed(opts.seed)
-    model = Autoencoder(opts.model).to(device)
-    run = Optimization(
-        model, opts.lr, opts.warmup, opts.steps, opts.ema, opts.clip, clip_groups=[model.encoder, model.decoder]
-    )
-    start, elapsed, val = 0, 0.0, {}
-    if opts.resume:
-        state = load_checkpoint(opts.resume)
-        if state.get("format") != CHECKPOINT_FORMAT or CodecConfig.from_json(state["config"]) != opts.model:
-            raise CodecError(f"{opts.resume}: not a distill checkpoint of this model configuration")
-        run.restore(state)
-        start, elapsed, val = state["step"], state["seconds"], state.get("val", {})
-        variance = state["variance"] if variance is None else variance
-        if start >= opts.steps:
-            raise CodecError(f"{opts.resume} is already at step {start} of {opts.steps}: raise --steps to go on")
-        log(f"resumed from {opts.resume} at step {start}")
-
-    loader = torch.utils.data.DataLoader(
-        crops, batch_size=opts.batch_size, sampler=StepSampler(start, opts.steps, opts.batch_size), num_workers=0
-    )
-
-    def export() -> None:
-        final = Autoencoder(opts.model)
-        final.load_state_dict(run.current().state_dict())
-        final.save_pretrained(opts.out)
-
-    def checkpoint(step: int) -> None:
-        seconds = elapsed + time.monotonic() - began
-        state = run.state(CHECKPOINT_FORMAT, opts, step, seconds)
-        save_checkpoint(opts.checkpoint, {**state, "val": val, "variance": variance})
-
-    began = time.monotonic()
-    step, finished = start, True
-    model.train()
-    for step, batch in enumerate(loader, start=start + 1):
-        if teacher is not None:
-            images = batch.to(device)
-            targets = teacher_latents(teacher, images)
+    def loss(self, net: Autoencoder, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        opts, factor = self.opts, self.opts.model.downscale
+        if self.teacher is not None:
+            images = batch.to(self.device)
+            targets = teacher_latents(self.teacher, images)
         else:
-            images, targets = batch[0].to(device), batch[1].to(device)
-        latents = model.encoder(images)
+            images, targets = batch[0].to(self.device), batch[1].to(self.device)
+        latents = net.encoder(images)
         if targets.shape != latents.shape:
             raise CodecError(
                 f"the teacher gives latents {tuple(targets.shape[1:])} for {tuple(images.shape[1:])} crops, the "
                 f"student {tuple(latents.shape[1:])}: the teacher is not an SD VAE (4 channels, 1/8 size)"
             )
-        if variance is None:
-            variance = targets.float().var((0, 2, 3)).clamp_min(1e-6).cpu()
-        latent_loss = latent_relative_error(latents, targets, variance.to(device))
-        if decoder_side < latents.shape[-1]:  # a window of the crop: the decoder is the slow half
+        if self.variance is None:  # a live teacher: estimated from the first batch, then kept in the checkpoint
+            self.variance = targets.float().var((0, 2, 3)).clamp_min(1e-6).cpu()
+        latent_loss = latent_relative_error(latents, targets, self.variance.to(self.device))
+        side = (opts.decoder_crop or opts.crop) // factor
+        if side < latents.shape[-1]:  # a window of the crop: the decoder is the slow half
             rng = np.random.default_rng([opts.seed, step, 2])
-            top, left = (int(rng.integers(0, n - decoder_side + 1)) for n in latents.shape[-2:])
-            window = latents[..., top : top + decoder_side, left : left + decoder_side]
-            images = images[
-                ..., top * factor : (top + decoder_side) * factor, left * factor : (left + decoder_side) * factor
-            ]
-        else:
-            window = latents
-        decoded = model.decoder(fake_quantize(window.detach()), clamp=False)
-        image_loss = F.mse_loss(decoded, images)
-        loss = latent_loss + opts.image_weight * image_loss
-        if not torch.isfinite(loss):
-            raise CodecError(f"distillation diverged at step {step} (loss {loss.item()}); lower --lr")
-        run.step(loss)
-        metrics = {
-            "latent_rel": latent_loss.item(),
-            "psnr": psnr(images, decoded.detach()),
-            "lr": run.lr(),
-        }
-        out_of_time = opts.max_minutes > 0 and (time.monotonic() - began) / 60 >= opts.max_minutes
-        last = step == opts.steps or out_of_time
-        if val_pairs and (step % opts.val_every == 0 or last):
-            val = evaluate(run.current(), val_pairs, device)
-            metrics.update(val)
-            export()
-        if step % opts.checkpoint_every == 0 or last:
-            checkpoint(step)
-        if report:
-            report(step, opts.steps, metrics)
-        if out_of_time and step < opts.steps:
-            log(f"--max-minutes {opts.max_minutes:g} reached at step {step}; --resume {opts.checkpoint} goes on")
-            finished = False
-            break
-    if not val_pairs:
-        export()
-    seconds = elapsed + time.monotonic() - began
-    return DistillResult(opts.out, step, seconds, finished, {k: float(v) for k, v in val.items()})
+            top, left = (int(rng.integers(0, n - side + 1)) for n in latents.shape[-2:])
+            latents = latents[..., top : top + side, left : left + side]
+            images = images[..., top * factor : (top + side) * factor, left * factor : (left + side) * factor]
+        decoded = net.decoder(fake_quantize(latents.detach()), clamp=False)
+        loss = latent_loss + opts.image_weight * F.mse_loss(decoded, images)
+        return loss, {"latent_rel": latent_loss.item(), "psnr": psnr(images, decoded.detach())}
+
+    def validate(self, model: Autoencoder) -> dict[str, float]:
+        return evaluate(model, self.val_pairs, self.device) if self.val_pairs else {}
+
+    def state(self) -> dict:
+        return {"variance": self.variance}
+
+    def restore(self, state: dict) -> None:
+        if self.variance is None:
+            self.variance = state["variance"]
+
+
+def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> FitResult:
+    """Train the SD-space student; writes --out (the EMA weights) at every validation and at the end."""
+    return fit(Distillation(opts), opts, report, log)
 
 
 def relative_error_report(val: dict[str, float]) -> str:

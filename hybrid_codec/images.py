@@ -72,6 +72,11 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
     return pixels if pixels.is_floating_point() else pixels.float().div_(255.0)  # float keeps the HWC layout
 
 
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 pixels (any strides, read-only too) -> (3, H, W) float in [0, 1], in its own memory."""
+    return torch.from_numpy(np.array(pixels, order="C")).permute(2, 0, 1).float().div_(255.0)
+
+
 def image_to_pixels(image: ImageLike) -> torch.Tensor:
     """Like `image_to_tensor`, but a path, PIL image or array stays 8-bit: (1, 3, H, W) uint8, a view
     of the decoded HxWx3 pixels without a copy. Tensors come back as checked (B, 3, H, W) floats."""

@@ -4,8 +4,8 @@ diffusers is imported inside the functions that need it, never at module level: 
 and the plain encode/decode/info paths stay fast and work without it.
 
 Latent conventions: the `sd` model's encoder gives *raw* SD VAE latents (what `AutoencoderKL.decode`
-takes); the UNet's space is raw * scaling_factor (0.18215 for SD 1.x). `scaled=True` means the
-UNet's space everywhere in this module.
+takes); the UNet's space is raw * SD_SCALING_FACTOR (0.18215, SD 1.x and 2.x). `scaled=True` means the
+UNet's space everywhere in this module, `scaled=False` raw latents.
 """
 
 from __future__ import annotations
@@ -175,7 +175,6 @@ def encode_latents(
     scaled: bool = True,
     batch_size: int = 8,
     device: str | torch.device = "auto",
-    scaling_factor: float = SD_SCALING_FACTOR,
     model: str | os.PathLike = "sd",
 ) -> torch.Tensor:
     """Images -> SD latents (B, 4, ceil(H/8), ceil(W/8)) float32, on the device that computed them.
@@ -183,7 +182,7 @@ def encode_latents(
     `images`: a path, PIL image, uint8 HxWx3 array, float tensor in [0, 1] ((3, H, W) or a batch
     (B, 3, H, W); not diffusers' [-1, 1]), or a list of them. All must have one size: one tensor
     holds one size, as a diffusion batch does (encode other sizes in separate calls). `scaled`:
-    multiplied by `scaling_factor`, i.e. the UNet's space that diffusers pipelines take; else raw
+    multiplied by SD_SCALING_FACTOR, i.e. the UNet's space that diffusers pipelines take; else raw
     VAE space. Sides that are not multiples of 8 are padded by repeating the last row/column.
     """
     if batch_size < 1:
@@ -203,7 +202,7 @@ def encode_latents(
         for chunk in torch.cat(tensors).split(batch_size):
             outputs.append(codec.encode_tensor(chunk).float())
     latents = torch.cat(outputs)
-    return latents * scaling_factor if scaled else latents
+    return latents * SD_SCALING_FACTOR if scaled else latents
 
 
 def _vae_kind(vae: object) -> str:
@@ -242,7 +241,6 @@ def decode_latents(
     latents: torch.Tensor,
     vae: str | os.PathLike | object = DEFAULT_VAE["sd"],
     scaled: bool = True,
-    scaling_factor: float = SD_SCALING_FACTOR,
     batch_size: int = 4,
     device: str | torch.device = "auto",
     model: str | os.PathLike = "sd",
@@ -251,7 +249,7 @@ def decode_latents(
 
     `vae`: "hybrid" (the `sd` model's own tiny decoder: fast, lower quality), "taesd" (TAESD from
     the Hub), a Hub id or local path of an AutoencoderKL, or an already loaded diffusers VAE.
-    `scaled`: the latents are in the UNet's space (raw * scaling_factor), as `encode_latents` gives.
+    `scaled`: the latents are in the UNet's space (raw * SD_SCALING_FACTOR), as `encode_latents` gives.
     """
     if not isinstance(latents, torch.Tensor):
         raise CodecError(f"expected a latent tensor, got {type(latents).__name__}")
@@ -261,7 +259,7 @@ def decode_latents(
         raise CodecError(f"expected SD latents (B, 4, h, w), got {tuple(latents.shape)}")
     if not torch.isfinite(latents).all():
         raise CodecError("the latents hold NaN or infinite values")
-    raw = latents.float() / scaling_factor if scaled else latents.float()
+    raw = latents.float() / SD_SCALING_FACTOR if scaled else latents.float()
     if isinstance(vae, (str, os.PathLike)) and str(vae) == "hybrid":
         codec = sd_codec(model, device)
         images = torch.cat([codec.decode_tensor(chunk).cpu() for chunk in raw.split(batch_size)])

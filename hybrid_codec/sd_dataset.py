@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import CodecError
-from .images import find_images, open_image
+from .images import find_images, open_image, pixels_to_tensor
 from .paths import write_atomic
 from .sd import SD_SCALING_FACTOR, encode_latents, sd_codec
 
@@ -38,14 +38,14 @@ class LatentsJob:
     out: Path | None = None
 
 
-def _settings(model: str, scaled: bool, scaling_factor: float, device: str) -> dict[str, str]:
+def _settings(model: str, scaled: bool, device: str) -> dict[str, str]:
     codec = sd_codec(model, device)
     return {
         "format": FORMAT,
         "model": codec.name,
         "weights": codec.weights_hash,
         "scaled": "true" if scaled else "false",
-        "scaling_factor": repr(float(scaling_factor)) if scaled else "1.0",
+        "scaling_factor": repr(SD_SCALING_FACTOR) if scaled else "1.0",
     }
 
 
@@ -71,7 +71,7 @@ class _NpyFolder:
             if old != settings:
                 raise CodecError(
                     f"{folder} holds latents made with other settings ({_differences(old, settings)}); "
-                    "use --force to start over or write to another folder"
+                    "use --restart to start over or write to another folder"
                 )
         else:
             write_atomic(manifest, json.dumps(settings, indent=1, sort_keys=True).encode())
@@ -111,12 +111,12 @@ def _read_safetensors(path: Path, settings: dict[str, str]) -> dict[str, torch.T
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CodecError(f"{path}: exists but is not a readable safetensors file ({exc}); use --force") from None
+        raise CodecError(f"{path}: exists but is not a readable safetensors file ({exc}); use --restart") from None
     old = {k: metadata.get(k) for k in settings}
     if old != settings:
         raise CodecError(
             f"{path} holds latents made with other settings ({_differences(old, settings)}); "
-            "use --force to start over or write to another file"
+            "use --restart to start over or write to another file"
         )
     return tensors
 
@@ -128,14 +128,13 @@ def write_sd_latents(
     batch_size: int = 8,
     device: str = "auto",
     model: str = "sd",
-    scaling_factor: float = SD_SCALING_FACTOR,
-    force: bool = False,
+    restart: bool = False,
     progress: Progress | None = None,
 ) -> LatentsJob:
     """SD latents for every image below `folder` into `out` (.safetensors file, or a folder of .npy).
 
     Images of one size are encoded in batches of `batch_size`; a file that cannot be read is
-    reported in `failed` and the others go on. Runs again skip what is done.
+    reported in `failed` and the others go on. Runs again skip what is done; `restart` drops it first.
     """
     folder, out = Path(folder), Path(out)
     sources = find_images(folder)
@@ -146,14 +145,14 @@ def write_sd_latents(
     if len(set(names)) != len(names):
         clash = next(n for n in names if names.count(n) > 1)
         raise CodecError(f"two images would share the latent {clash!r} (same name, other suffix); rename one")
-    settings = _settings(model, scaled, scaling_factor, device)
+    settings = _settings(model, scaled, device)
     single = out.suffix == ".safetensors"
     if single and out.is_dir():
         raise CodecError(f"{out}: is a folder; give a .safetensors file or a folder without that suffix")
     if not single and out.exists() and not out.is_dir():
         raise CodecError(f"{out}: exists and is a file; give a .safetensors file or a folder")
     parts_dir = out.with_name(f".{out.name}.parts") if single else out
-    if force:
+    if restart:
         if single:
             out.unlink(missing_ok=True)
         shutil.rmtree(parts_dir, ignore_errors=True)
@@ -181,7 +180,6 @@ def write_sd_latents(
             scaled=scaled,
             batch_size=batch_size,
             device=device,
-            scaling_factor=scaling_factor,
             model=model,
         )
         for (key, _), latent in zip(batch, latents, strict=True):
@@ -193,7 +191,7 @@ def write_sd_latents(
 
     for key, source in pending:
         try:
-            image = torch.from_numpy(np.asarray(open_image(source)).copy()).permute(2, 0, 1).float().div_(255.0)
+            image = pixels_to_tensor(np.asarray(open_image(source)))
         except CodecError as exc:
             job.failed.append((source, str(exc)))
             if progress:

@@ -1,7 +1,9 @@
-"""The training loop's machinery, shared by every recipe (`train.py`: photos; `distill.py`: SD latents).
+"""The one training loop, shared by every recipe (`train.py`: photos; `distill.py`: SD latents).
 
-AdamW with warm-up and cosine decay, gradient clipping, an EMA of the weights (buffers included),
-torchrun's ranks, and atomic checkpoints from which a killed run resumes exactly.
+`fit(recipe, opts)` runs it: AdamW with warm-up and cosine decay, gradient clipping, an EMA of the
+weights (buffers included), torchrun's ranks, validation with the chosen weights exported, progress
+reports, a time budget, and atomic checkpoints from which a killed run resumes exactly. A `Recipe`
+says only what differs: its data, its loss and its validation.
 """
 
 from __future__ import annotations
@@ -9,13 +11,17 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .data import StepSampler
 from .errors import CodecError
-from .options import RunFiles
+from .models import Autoencoder, CodecConfig
+from .options import LoopOptions, option_info
 from .paths import write_atomic
 
 Reporter = Callable[[int, int, dict], None]
@@ -94,7 +100,7 @@ class Optimization:
         """The weights to validate and export: the EMA's where there is one."""
         return self.ema.module if self.ema is not None else self.model
 
-    def state(self, kind: str, opts: RunFiles, step: int, seconds: float) -> dict:
+    def state(self, kind: str, opts: LoopOptions, step: int, seconds: float) -> dict:
         """What a checkpoint of any recipe holds in common."""
         state = {
             "format": kind,
@@ -155,3 +161,205 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CodecError(f"{path}: not a readable training checkpoint ({type(exc).__name__})") from None
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Recipe:
+    """What one kind of training says; `fit` does the rest.
+
+    A recipe fills in `checkpoint_format`, `setup` (its data) and `loss`; where it validates, also
+    `validate` and `best_by`. `state`/`restore` keep anything else it needs in the checkpoint.
+    """
+
+    checkpoint_format: str
+    """Written into and required of its checkpoints: a run resumes only its own recipe's."""
+    best_by: str | None = None
+    """The validation metric (higher is better) whose best weights --out keeps; None: the latest's."""
+
+    def check(self) -> None:
+        """Refuse the recipe's own options that cannot work, before anything starts."""
+
+    def setup(self, device: torch.device, log: Callable[[str], None]) -> torch.utils.data.Dataset:
+        """Read the data; item i of the returned dataset is the run's sample i (from the seed and i alone)."""
+        raise NotImplementedError
+
+    def model(self, config: CodecConfig) -> Autoencoder:
+        """The weights the run starts from (called after seeding)."""
+        return Autoencoder(config)
+
+    def clip_groups(self, model: Autoencoder) -> list[torch.nn.Module]:
+        """The parts whose gradient norms are clipped separately."""
+        return [model]
+
+    def loss(self, net: torch.nn.Module, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch (as the loader gives it) and the step's metrics to report.
+
+        `net` is the model, wrapped for DDP under torchrun: call it, not its parts, to train in
+        several processes.
+        """
+        raise NotImplementedError
+
+    def validate(self, model: Autoencoder) -> dict[str, float]:
+        """Validation metrics (keys starting with "val") of these weights; {}: no validation."""
+        return {}
+
+    def state(self) -> dict:
+        """What else the checkpoint keeps for this recipe."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Take back what `state` kept, on --resume."""
+
+
+@dataclass
+class FitResult:
+    out: Path
+    steps: int
+    seconds: float
+    finished: bool  # False when --max-minutes stopped it early: --resume continues
+    metrics: dict[str, float] = field(default_factory=dict)  # the last step's
+    val: dict[str, float] = field(default_factory=dict)  # the last validation's
+    best: float | None = None  # the best validation's `best_by` metric
+
+
+def check_loop_options(opts: LoopOptions) -> None:
+    """Refuse loop settings that cannot work, with the option's name, before anything starts."""
+    from .runtime import check_device
+
+    f = opts.model.downscale
+    if opts.crop < f or opts.crop % f:
+        raise CodecError(f"--crop must be a positive multiple of {f}, not {opts.crop}")
+    positive = {"steps": opts.steps, "batch-size": opts.batch_size, "val-every": opts.val_every}
+    positive["checkpoint-every"] = opts.checkpoint_every
+    for name, value in positive.items():
+        if value < 1:
+            raise CodecError(f"--{name} must be at least 1, not {value}")
+    for name, value in {"warmup": opts.warmup, "workers": opts.workers, "max-minutes": opts.max_minutes}.items():
+        if value < 0:
+            raise CodecError(f"--{name} must not be negative, not {value}")
+    if not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise CodecError(f"--lr must be a positive number, not {opts.lr}")
+    if not 0 <= opts.ema < 1:
+        raise CodecError(f"--ema must be in [0, 1), not {opts.ema}")
+    if not (math.isfinite(opts.clip) and opts.clip >= 0):
+        raise CodecError(f"--clip must be 0 (off) or positive, not {opts.clip}")
+    check_device(str(opts.device))
+    if opts.resume is None and not opts.force:
+        for existing in (opts.out, opts.checkpoint):
+            if existing.exists():
+                raise CodecError(
+                    f"{existing} exists; --resume {opts.checkpoint} to continue that run, or --force to start afresh"
+                )
+
+
+def changed_options(opts: LoopOptions, saved: dict) -> list[str]:
+    """The options marked reproducible whose value differs from the checkpoint's, as "name old -> new"."""
+    return [
+        f"{key} {before!r} -> {now!r}"
+        for key, now in opts.to_dict().items()
+        if option_info(type(opts), key).get("reproducible") and (before := saved.get(key, now)) != now
+    ]
+
+
+def fit(
+    recipe: Recipe, opts: LoopOptions, report: Reporter | None = None, log: Callable[[str], None] = print
+) -> FitResult:
+    """Run `recipe` for --steps (or --max-minutes), from scratch or --resume; writes --out and its checkpoint."""
+    check_loop_options(opts)
+    recipe.check()
+    from .codec import pick_device
+
+    dist = Distributed()
+    device = pick_device(opts.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+    dist.init(device)
+    quiet = log if dist.main else (lambda message: None)
+    if dist.main and not opts.out.parent.is_dir():
+        try:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CodecError(f"{opts.out.parent}: cannot create folder ({exc.strerror or exc})") from None
+    dataset = recipe.setup(device, quiet)
+
+    torch.manual_seed(opts.seed)
+    model = recipe.model(opts.model).to(device)
+    run = Optimization(model, opts.lr, opts.warmup, opts.steps, opts.ema, opts.clip, recipe.clip_groups(model))
+    start, elapsed, val, best = 0, 0.0, {}, None
+    best_key = f"best_{recipe.best_by}"
+    if opts.resume:
+        state = load_checkpoint(opts.resume)
+        if state.get("format") != recipe.checkpoint_format or CodecConfig.from_json(state["config"]) != opts.model:
+            kind = recipe.checkpoint_format
+            raise CodecError(f"{opts.resume}: not a checkpoint of this model configuration ({kind})")
+        run.restore(state)
+        recipe.restore(state)
+        start, elapsed, val, best = state["step"], state["seconds"], state.get("val", {}), state.get(best_key)
+        if start >= opts.steps:
+            raise CodecError(f"{opts.resume} is already at step {start} of {opts.steps}: raise --steps to go on")
+        quiet(f"resumed from {opts.resume} at step {start}")
+        if changed := changed_options(opts, state.get("options", {})):
+            quiet(f"resuming with changed options ({', '.join(changed)}): not the run the checkpoint began")
+
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=opts.batch_size,
+        sampler=StepSampler(start, opts.steps, opts.batch_size, dist.rank, dist.world),
+        num_workers=opts.workers,
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if opts.workers else None,
+    )
+
+    def export() -> None:
+        final = Autoencoder(opts.model)
+        final.load_state_dict(run.current().state_dict())
+        final.save_pretrained(opts.out)
+
+    def checkpoint(step: int) -> None:
+        state = run.state(recipe.checkpoint_format, opts, step, elapsed + time.monotonic() - began)
+        extra = {best_key: best} if recipe.best_by else {}
+        save_checkpoint(opts.checkpoint, {**state, **recipe.state(), "val": val, **extra})
+
+    began = time.monotonic()
+    step, finished, metrics = start, True, {}
+    model.train()
+    for step, batch in enumerate(loader, start=start + 1):
+        loss, metrics = recipe.loss(net, batch, step)
+        if not torch.isfinite(loss):
+            raise CodecError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
+        run.step(loss)
+        metrics = {**metrics, "lr": run.lr()}
+        out_of_time = opts.max_minutes > 0 and (time.monotonic() - began) / 60 >= opts.max_minutes
+        last = step == opts.steps or out_of_time
+        if step % opts.val_every == 0 or last:
+            if dist.main and (latest := recipe.validate(run.current())):
+                val = latest
+                metrics.update(val)
+                score = val[recipe.best_by] if recipe.best_by else None
+                if score is None or best is None or score > best:
+                    best = score
+                    export()
+                run.current().train()
+                model.train()
+            dist.barrier()
+        if dist.main and (step % opts.checkpoint_every == 0 or last):
+            checkpoint(step)
+        if dist.main and report:
+            report(step, opts.steps, metrics)
+        if out_of_time and step < opts.steps:
+            quiet(f"--max-minutes {opts.max_minutes:g} reached at step {step}; --resume {opts.checkpoint} goes on")
+            finished = False
+            break
+    if dist.main and not val:
+        export()
+    dist.barrier()
+    dist.close()
+    return FitResult(opts.out, step, elapsed + time.monotonic() - began, finished, metrics, val, best)

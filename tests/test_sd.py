@@ -227,8 +227,8 @@ def test_sd_latents_safetensors_and_resume(tmp_path, image_folder, sd_weights):
         assert len(f.keys()) == 5
 
     line = one_error_line(runner.invoke(app, [*args, "--raw"]))
-    assert "other settings" in line and "--force" in line
-    assert runner.invoke(app, [*args, "--raw", "--force"]).exit_code == 0
+    assert "other settings" in line and "--restart" in line
+    assert runner.invoke(app, [*args, "--raw", "--restart"]).exit_code == 0
 
 
 def test_sd_latents_npy_folder_resumes(tmp_path, image_folder, sd_weights):
