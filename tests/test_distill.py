@@ -78,6 +78,7 @@ def test_distill_from_tiles_validates_and_resumes(tmp_path, image_folder, tiles)
     assert "resumed from" in resumed.output and "distilled 5 steps" in resumed.output
     line = one_error_line(runner.invoke(app, [*args, "--steps", "5", "--resume", str(checkpoint)]))
     assert "already at step 5" in line
+    assert "--force" in one_error_line(runner.invoke(app, [*args, "--steps", "5"]))  # no overwrite by accident
 
 
 def test_distill_learns_the_tile_targets(tmp_path, image_folder, tiles):

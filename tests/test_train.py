@@ -23,11 +23,12 @@ from typer.testing import CliRunner
 
 from hybrid_codec import train as train_module
 from hybrid_codec.cli import app
+from hybrid_codec.data import RandomCrops, usable_images
 from hybrid_codec.errors import CodecError
 from hybrid_codec.models import Autoencoder
 from hybrid_codec.options import TrainOptions
 from hybrid_codec.train import reconstruction_loss, train
-from hybrid_codec.training import lr_factor
+from hybrid_codec.training import Recipe, fit, lr_factor
 
 QUIET = {"log": lambda message: None}
 
@@ -355,3 +356,35 @@ def test_bad_and_small_images_in_the_data_are_skipped_with_a_warning(image_folde
     train(options(data, tmp_path / "w.safetensors", steps=3, crop=32, batch_size=5), log=messages.append)
     skipped = [m for m in messages if m.startswith("skipping")]
     assert len(skipped) == 2 and any("bad.jpg" in m for m in skipped) and any("tiny.png" in m for m in skipped)
+
+
+class PlainMSE(Recipe):
+    """The smallest recipe: the loop needs a format, data and a loss, and nothing else."""
+
+    checkpoint_format = "test-plain-mse"
+
+    def __init__(self, opts: TrainOptions) -> None:
+        self.opts = opts
+
+    def setup(self, device, log):
+        return RandomCrops(usable_images(self.opts.data_dir, warn=log), self.opts.crop, self.opts.seed)
+
+    def loss(self, net, batch, step):
+        loss = torch.nn.functional.mse_loss(net(batch), batch)
+        return loss, {"loss": loss.item()}
+
+
+def test_a_new_recipe_gets_the_whole_loop(image_folder, tmp_path):
+    """A recipe of a few lines: the time budget stops it, --resume finishes it, checkpoints are its own."""
+    opts = options(image_folder, tmp_path / "w.safetensors", steps=4, max_minutes=1e-9)
+    stopped = fit(PlainMSE(opts), opts, **QUIET)
+    assert not stopped.finished and stopped.steps == 1 and math.isfinite(stopped.metrics["loss"])
+    assert torch.load(tmp_path / "w.ckpt", weights_only=True)["format"] == "test-plain-mse"
+    Autoencoder.from_pretrained(tmp_path / "w.safetensors")
+    with pytest.raises(CodecError, match="exists; --resume"):
+        fit(PlainMSE(opts), opts, **QUIET)
+    resumed = dataclasses.replace(opts, max_minutes=0.0, resume=tmp_path / "w.ckpt")
+    done = fit(PlainMSE(resumed), resumed, **QUIET)
+    assert done.finished and done.steps == 4
+    with pytest.raises(CodecError, match="not a checkpoint of this model configuration"):
+        train(resumed, **QUIET)  # the photo recipe does not take another recipe's checkpoint
