@@ -413,7 +413,7 @@ def sd_latents(
     progress = progress_bar()
     tasks = []
 
-    def update(done: int, total: int) -> None:  # the bar appears once the inputs and settings are checked
+    def bar(done: int, total: int) -> None:  # the bar appears once the inputs and settings are checked
         if not tasks:
             progress.start()
             tasks.append(progress.add_task("sd-latents", total=total))
@@ -421,14 +421,7 @@ def sd_latents(
 
     try:
         job = write_sd_latents(
-            folder,
-            out,
-            scaled=scaled,
-            batch_size=batch_size,
-            device=device,
-            model=model,
-            restart=restart,
-            progress=update,
+            folder, out, scaled=scaled, batch_size=batch_size, device=device, model=model, restart=restart, progress=bar
         )
     finally:
         progress.stop()
