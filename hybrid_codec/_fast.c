@@ -10,29 +10,39 @@
  * with act(v) = copysign(|scale| * (relu(v) + eps) ** power, v), NaN -> 0, inf -> max float.
  * PyTorch runs this as about twenty passes over (O, H, N) tensors; here it is one pass, 64
  * patches at a time, with the hidden values in the L1 cache. The power is
- * 2 ** (power * log2(x) + log2 |scale|), with AVX-512's exponent/mantissa split and polynomial
- * log2 and exp2: relative error about 1e-6 (float32 itself resolves 6e-8).
+ * 2 ** (power * log2(x) + log2 |scale|), with an exponent/mantissa split and polynomial log2 and
+ * exp2: relative error about 1e-6 (float32 itself resolves 6e-8).
  *
- * AVX-512 only: on CPUs without it (and for anything but float32 CPU inference) the PyTorch path
- * runs. A plain-C version vectorized for AVX2 measured no faster than PyTorch, so there is none.
+ * Three variants of the same steps, one chosen per call (fast.py asks for the best that
+ * `VARIANTS` lists, the CPU's features read once at import):
+ *   avx512    x86-64 with AVX-512 F/BW/VL: getexp/getmant/scalef, 16 lanes, VNNI where present;
+ *   avx2      x86-64 with AVX2 + FMA: the same arithmetic on 8 lanes, the exponent split and 2^n
+ *             done on the float's bits (identical results for every input but subnormal outputs'
+ *             last bit... none: the two-step 2^n rounds once, as scalef does);
+ *   portable  plain C the compiler vectorizes for its baseline (NEON on ARM64, SSE2 on x86-64).
+ * The encoder's integer product gives the same 32-bit sums in all three (they are exact).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 64       /* patches per task: four AVX-512 vectors; n is a multiple (fast.BLOCK) */
 #define MAX_HIDDEN 64  /* hidden features per output channel that the stack buffers hold */
-#define TILE 6         /* weight rows per step of `pixel_mix`: 4 x 6 accumulators, written out by hand */
+#define TILE 6         /* weight rows per step of the integer product: 4 x 6 AVX-512 accumulators */
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define HAVE_AVX512 1
+#define HAVE_X86 1
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl"))) /* every AVX-512 CPU but Xeon Phi */
+#define AVX2 __attribute__((target("avx2,fma")))
 #else
-#define HAVE_AVX512 0
+#define HAVE_X86 0
 #endif
+#define PORTABLE /* no target attribute: the compiler's baseline */
 
 /* log2(1 + t) / t for t in [-0.25, 0.5] and 2 ** f for f in [-0.5, 0.5]: Chebyshev fits of
    degree 7 and 5, errors 1.5e-7 and 2.5e-7. */
@@ -51,14 +61,114 @@
 #define X4 0.009676038287580013f
 #define X5 0.0013400432653725147f
 #define MAX_FLOAT 3.402823466e38f
+/* 2^n without scalef: n clamped to [N_LOW, N_HIGH] (beyond, q * 2^n is 0 or infinite anyway) and
+   applied as 2^n1 * 2^n2, n1 in [-124, 127] so that q * 2^n1 is exact: one rounding, as scalef. */
+#define N_LOW -250.0f
+#define N_HIGH 254.0f
+#define MANTISSA_OFFSET 0x3f400000 /* the bits of 0.75f: a - this, shifted, is the exponent of a = 2^e m, m in [0.75, 1.5) */
 
-#if HAVE_AVX512
+typedef struct {
+    const float *linear; /* (2*O*H + 2*O, n): rows lin1, proj, kb, similar (see the top comment) */
+    float *out;          /* O rows of n, out_stride apart */
+    int64_t out_stride, channels, hidden, n;
+    const float *power1, *log2_scale1, *w2, *b2, *power2, *log2_scale2; /* per (o, h); w2 is (O, H, H) */
+    float eps1, eps2, inv_patch;
+    int threads;
+} Mix;
+
+/* The encoder's whole forward from 8-bit pixels: `mix` with its matrix product done here too.
+ *
+ * In float32 the product of the patches with the layer's linear maps takes two thirds of an
+ * encode. Here it runs on integer units instead: the pixels are exact 8-bit integers and the
+ * weights are rounded to 16 bits per row (`fast.integer_weights`), so one instruction multiplies
+ * and adds two pairs per 32-bit lane exactly (AVX-512 VNNI's `vpdpwssd`, or `vpmaddwd` plus
+ * `vpaddd` on AVX-512 or AVX2 CPUs without VNNI, or plain C: the same sums), and the patches are
+ * never copied out as floats. Only the weights' rounding differs from float32: relative 1e-5,
+ * against the 8-bit latent's step of 4e-3.
+ *
+ * Per block of 64 patches: gather the pixels as 16-bit pairs, transposed (one row per pair
+ * position, one lane per patch), multiply by TILE weight rows at a time into vector
+ * accumulators, scale back to float into the block's rows, and run `mix_task` on them. */
+typedef struct {
+    const uint8_t *pixels; /* (B, H, W, C), contiguous */
+    int64_t height, width, channels, k, out_h, out_w, n; /* n patches: B * out_h * out_w */
+    const int32_t *weight; /* (tiles, pairs, TILE): 16-bit weight pairs, rows padded to whole tiles */
+    const float *row_scale, *row_bias; /* per row: linear = acc * row_scale + row_bias */
+    int64_t rows, pairs; /* rows of `linear` (2*O*H + 2*O); pairs = k * k * C / 2 */
+    int vnni;            /* use vpdpwssd (the CPU has AVX-512 VNNI) */
+    Mix mix;             /* linear and n unused: every block brings its own */
+    int32_t *sums;       /* NULL, or (blocks, rows, BLOCK): the integer sums alone, for the tests */
+} PixelMix;
+
+/* One variant's steps; the loops over tasks and blocks (`mix`, `pixel_mix`) call them. */
+typedef struct {
+    const char *name;
+    void (*activation)(const float *x, float *y, float power, float log2_scale, float eps);
+    void (*mix_task)(const Mix *m, const float *linear, int64_t n, int64_t o, int64_t j);
+    void (*gather_pairs)(const PixelMix *e, int64_t j0, int32_t *pairs);
+    void (*multiply)(const PixelMix *e, const int32_t *pairs, float *linear);
+    void (*multiply_vnni)(const PixelMix *e, const int32_t *pairs, float *linear); /* NULL: none */
+} Variant;
+
+/* Output channel o for patches j .. j + BLOCK, whose matrix-product rows start at `linear`, `n`
+   values apart. The second dense layer runs two rows at a time: eight independent accumulator
+   chains, and each hidden value loaded once for both. The same C for every variant, compiled for
+   its instruction set (the loops over a block vectorize) around its activation. */
+#define MIX_TASK(name, TARGET, activation)                                                                            \
+    TARGET static void name(const Mix *m, const float *linear, int64_t n, int64_t o, int64_t j) {                    \
+        const int64_t hidden = m->hidden, rows = m->channels * hidden;                                               \
+        float h1[MAX_HIDDEN * BLOCK], lin2[2][BLOCK], h2[BLOCK], acc[BLOCK];                                         \
+        for (int64_t k = 0; k < hidden; k++) {                                                                       \
+            const int64_t r = o * hidden + k;                                                                        \
+            activation(linear + r * n, h1 + k * BLOCK, m->power1[r], m->log2_scale1[r], m->eps1);                    \
+        }                                                                                                            \
+        for (int i = 0; i < BLOCK; i++) acc[i] = 0.0f;                                                               \
+        for (int64_t h = 0; h < hidden; h += 2) {                                                                    \
+            const int64_t r0 = o * hidden + h, r1 = h + 1 < hidden ? r0 + 1 : r0; /* an odd last row pairs with itself */ \
+            const float *w0 = m->w2 + r0 * hidden, *w1 = m->w2 + r1 * hidden;                                        \
+            for (int i = 0; i < BLOCK; i++) {                                                                        \
+                lin2[0][i] = m->b2[r0];                                                                              \
+                lin2[1][i] = m->b2[r1];                                                                              \
+            }                                                                                                        \
+            for (int64_t k = 0; k < hidden; k++) {                                                                   \
+                const float *hk = h1 + k * BLOCK;                                                                    \
+                for (int i = 0; i < BLOCK; i++) {                                                                    \
+                    lin2[0][i] += w0[k] * hk[i];                                                                     \
+                    lin2[1][i] += w1[k] * hk[i];                                                                     \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (int64_t r = r0; r <= r1; r++) {                                                                     \
+                activation(lin2[r - r0], h2, m->power2[r], m->log2_scale2[r], m->eps2);                              \
+                const float *proj = linear + (rows + r) * n;                                                         \
+                for (int i = 0; i < BLOCK; i++) acc[i] += h2[i] * proj[i];                                           \
+            }                                                                                                        \
+        }                                                                                                            \
+        const float *kb = linear + (2 * rows + o) * n, *similar = kb + m->channels * n;                              \
+        float *dst = m->out + o * m->out_stride + j;                                                                 \
+        for (int i = 0; i < BLOCK; i++) dst[i] = (acc[i] + kb[i]) * m->inv_patch + similar[i];                       \
+    }
+
+/* Where each of the block's patches starts its window in the pixels; patches past the end repeat the last. */
+static void window_offsets(const PixelMix *e, int64_t j0, int32_t *offset) {
+    int64_t b = j0 / (e->out_h * e->out_w), oy = j0 / e->out_w % e->out_h, ox = j0 % e->out_w;
+    for (int64_t i = 0, j = j0; i < BLOCK; i++) {
+        offset[i] = (int32_t)(((b * e->height + oy * e->k) * e->width + ox * e->k) * e->channels);
+        if (++j < e->n && ++ox == e->out_w) {
+            ox = 0;
+            if (++oy == e->out_h) oy = 0, b++;
+        }
+    }
+}
+
+#if HAVE_X86
+/* ------------------------------------------------------------------ AVX-512 */
+
 /* y = act(x) for one block: 4 vectors of 16 lanes. getexp/getmant split x into exponent and
    mantissa; scalef applies 2^n and handles overflow and infinity itself. Each step runs over the
    4 vectors before the next: 4 independent chains the CPU overlaps (the polynomials alone are 12
    dependent multiply-adds), 15-25% faster than one vector after the other. */
 #define LANES 4 /* BLOCK / 16 */
-AVX512 static inline void activation(const float *x, float *y, float power, float log2_scale, float eps) {
+AVX512 static inline void activation_avx512(const float *x, float *y, float power, float log2_scale, float eps) {
     const __m512 p = _mm512_set1_ps(power), s = _mm512_set1_ps(log2_scale);
     __m512 v[LANES], m[LANES], e[LANES], t[LANES], q[LANES], frac[LANES], n[LANES], f[LANES];
     for (int i = 0; i < LANES; i++) {
@@ -96,95 +206,13 @@ AVX512 static inline void activation(const float *x, float *y, float power, floa
     }
 }
 
-typedef struct {
-    const float *linear; /* (2*O*H + 2*O, n): rows lin1, proj, kb, similar (see the top comment) */
-    float *out;          /* O rows of n, out_stride apart */
-    int64_t out_stride, channels, hidden, n;
-    const float *power1, *log2_scale1, *w2, *b2, *power2, *log2_scale2; /* per (o, h); w2 is (O, H, H) */
-    float eps1, eps2, inv_patch;
-    int threads;
-} Mix;
-
-/* Output channel o for patches j .. j + BLOCK, whose matrix-product rows start at `linear`, `n`
-   values apart. The second dense layer runs two rows at a time: eight independent accumulator
-   chains, and each hidden value loaded once for both. */
-AVX512 static void mix_task(const Mix *m, const float *linear, int64_t n, int64_t o, int64_t j) {
-    const int64_t hidden = m->hidden, rows = m->channels * hidden;
-    float h1[MAX_HIDDEN * BLOCK], lin2[2][BLOCK], h2[BLOCK], acc[BLOCK];
-    for (int64_t k = 0; k < hidden; k++) {
-        const int64_t r = o * hidden + k;
-        activation(linear + r * n, h1 + k * BLOCK, m->power1[r], m->log2_scale1[r], m->eps1);
-    }
-    for (int i = 0; i < BLOCK; i++) acc[i] = 0.0f;
-    for (int64_t h = 0; h < hidden; h += 2) {
-        const int64_t r0 = o * hidden + h, r1 = h + 1 < hidden ? r0 + 1 : r0; /* an odd last row pairs with itself */
-        const float *w0 = m->w2 + r0 * hidden, *w1 = m->w2 + r1 * hidden;
-        for (int i = 0; i < BLOCK; i++) {
-            lin2[0][i] = m->b2[r0];
-            lin2[1][i] = m->b2[r1];
-        }
-        for (int64_t k = 0; k < hidden; k++) {
-            const float *hk = h1 + k * BLOCK;
-            for (int i = 0; i < BLOCK; i++) {
-                lin2[0][i] += w0[k] * hk[i];
-                lin2[1][i] += w1[k] * hk[i];
-            }
-        }
-        for (int64_t r = r0; r <= r1; r++) {
-            activation(lin2[r - r0], h2, m->power2[r], m->log2_scale2[r], m->eps2);
-            const float *proj = linear + (rows + r) * n;
-            for (int i = 0; i < BLOCK; i++) acc[i] += h2[i] * proj[i];
-        }
-    }
-    const float *kb = linear + (2 * rows + o) * n, *similar = kb + m->channels * n;
-    float *dst = m->out + o * m->out_stride + j;
-    for (int i = 0; i < BLOCK; i++) dst[i] = (acc[i] + kb[i]) * m->inv_patch + similar[i];
-}
-
-AVX512 static void mix(const Mix *m) {
-    const int64_t blocks = m->n / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(m->threads)
-    for (int64_t task = 0; task < m->channels * blocks; task++) {
-        const int64_t o = task / blocks, j = (task % blocks) * BLOCK;
-        mix_task(m, m->linear + j, m->n, o, j);
-    }
-}
-
-/* The encoder's whole forward from 8-bit pixels: `mix` with its matrix product done here too.
- *
- * In float32 the product of the patches with the layer's linear maps takes two thirds of an
- * encode. Here it runs on integer units instead: the pixels are exact 8-bit integers and the
- * weights are rounded to 16 bits per row (`fast.integer_weights`), so one instruction multiplies
- * and adds two pairs per 32-bit lane exactly (AVX-512 VNNI's `vpdpwssd`, or `vpmaddwd` plus
- * `vpaddd` on AVX-512 CPUs without VNNI: the same sums), and the patches are never copied out as
- * floats. Only the weights' rounding differs from float32: relative 1e-5, against the 8-bit
- * latent's step of 4e-3.
- *
- * Per block of 64 patches: gather the pixels as 16-bit pairs, transposed (one row per pair
- * position, one lane per patch), multiply by TILE weight rows at a time into 4 x TILE vector
- * accumulators, scale back to float into the block's rows, and run `mix_task` on them. */
-typedef struct {
-    const uint8_t *pixels; /* (B, H, W, C), contiguous */
-    int64_t height, width, channels, k, out_h, out_w, n; /* n patches: B * out_h * out_w */
-    const int32_t *weight; /* (tiles, pairs, TILE): 16-bit weight pairs, rows padded to whole tiles */
-    const float *row_scale, *row_bias; /* per row: linear = acc * row_scale + row_bias */
-    int64_t rows, pairs; /* rows of `linear` (2*O*H + 2*O); pairs = k * k * C / 2 */
-    int vnni;            /* use vpdpwssd (the CPU has AVX-512 VNNI) */
-    Mix mix;             /* linear and n unused: every block brings its own */
-} PixelMix;
+MIX_TASK(mix_task_avx512, AVX512, activation_avx512)
 
 /* The block's pixels as `pairs` (pairs, BLOCK) of 32-bit lanes, each two 16-bit pixel values. */
-AVX512 static void gather_pairs(const PixelMix *e, int64_t j0, int32_t *pairs) {
+AVX512 static void gather_pairs_avx512(const PixelMix *e, int64_t j0, int32_t *pairs) {
     const int64_t row_bytes = e->k * e->channels, row_stride = e->width * e->channels;
-    int32_t offset[BLOCK]; /* where each patch's window starts; patches past the end repeat the last */
-    int64_t b = j0 / (e->out_h * e->out_w), oy = j0 / e->out_w % e->out_h, ox = j0 % e->out_w;
-    for (int64_t i = 0, j = j0; i < BLOCK; i++) {
-        offset[i] = (int32_t)(((b * e->height + oy * e->k) * e->width + ox * e->k) * e->channels);
-        if (++j < e->n && ++ox == e->out_w) {
-            ox = 0;
-            if (++oy == e->out_h) oy = 0, b++;
-        }
-    }
+    int32_t offset[BLOCK];
+    window_offsets(e, j0, offset);
     /* 4 bytes (b0, b1, b2, b3) of one window row -> pairs (b0, b2) and (b1, b3), 16 bits each: the
        weights are packed in the same order (`fast.integer_weights`) */
     const __m512i even = _mm512_set1_epi32(0x00ff00ff);
@@ -239,12 +267,17 @@ AVX512 static inline __m512i dot_pairs_avx512(__m512i acc, __m512i a, __m512i b)
 #define STORE(c)                                                                                                      \
     if (t * TILE + c < e->rows) {                                                                                     \
         const int64_t r = t * TILE + c;                                                                               \
-        const __m512 scale = _mm512_set1_ps(e->row_scale[r]), bias = _mm512_set1_ps(e->row_bias[r]);                  \
         float *dst = linear + r * BLOCK;                                                                              \
-        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0##c), scale, bias));                               \
-        _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1##c), scale, bias));                          \
-        _mm512_storeu_ps(dst + 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2##c), scale, bias));                          \
-        _mm512_storeu_ps(dst + 48, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a3##c), scale, bias));                          \
+        if (e->sums == NULL) {                                                                                        \
+            const __m512 scale = _mm512_set1_ps(e->row_scale[r]), bias = _mm512_set1_ps(e->row_bias[r]);              \
+            _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0##c), scale, bias));                           \
+            _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1##c), scale, bias));                      \
+            _mm512_storeu_ps(dst + 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2##c), scale, bias));                      \
+            _mm512_storeu_ps(dst + 48, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a3##c), scale, bias));                      \
+        } else { /* the integer sums as they are, for the tests */                                                    \
+            _mm512_storeu_si512(dst, a0##c), _mm512_storeu_si512(dst + 16, a1##c);                                    \
+            _mm512_storeu_si512(dst + 32, a2##c), _mm512_storeu_si512(dst + 48, a3##c);                               \
+        }                                                                                                             \
     }
 MULTIPLY(multiply_vnni, dot_pairs_vnni)
 MULTIPLY(multiply_avx512, dot_pairs_avx512)
@@ -253,8 +286,293 @@ MULTIPLY(multiply_avx512, dot_pairs_avx512)
 #undef STEP
 #undef STORE
 
-AVX512 static int pixel_mix(const PixelMix *e) {
+
+/* ------------------------------------------------------------------ AVX2 + FMA */
+
+/* act for one block, 8 vectors of 8 lanes, as `activation_avx512` step for step. Without
+   getexp/getmant the exponent split is done on the float's bits (subnormal inputs scaled by 2^24
+   first), and without scalef 2^n is built as two exact powers of two (see N_LOW): the same
+   results. Two passes of four chains: 16 registers hold one pass's state. */
+#define AVX2_CHAINS 4
+AVX2 static inline void activation_avx2_part(const float *x, float *y, __m256 p, __m256 s, __m256 eps) {
+    __m256 v[AVX2_CHAINS], e[AVX2_CHAINS], t[AVX2_CHAINS], q[AVX2_CHAINS], n[AVX2_CHAINS], f[AVX2_CHAINS];
+    for (int i = 0; i < AVX2_CHAINS; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        __m256 a = _mm256_add_ps(_mm256_max_ps(v[i], _mm256_setzero_ps()), eps); /* max: NaN -> 0, as AVX-512's */
+        const __m256 tiny = _mm256_cmp_ps(a, _mm256_set1_ps(FLT_MIN), _CMP_LT_OQ);
+        a = _mm256_blendv_ps(a, _mm256_mul_ps(a, _mm256_set1_ps(16777216.0f)), tiny);
+        const __m256i bits = _mm256_castps_si256(a);
+        const __m256i exponent = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(MANTISSA_OFFSET)), 23);
+        const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(exponent, 23))); /* a = 2^e m */
+        e[i] = _mm256_sub_ps(_mm256_cvtepi32_ps(exponent), _mm256_and_ps(tiny, _mm256_set1_ps(24.0f)));
+        /* a = inf: getexp says inf, and so does this, for the same NaN -> max float below */
+        e[i] = _mm256_blendv_ps(e[i], a, _mm256_cmp_ps(a, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+        t[i] = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+    }
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(_mm256_set1_ps(L7), t[i], _mm256_set1_ps(L6));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L5));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L4));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L3));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L2));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L1));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L0));
+    for (int i = 0; i < AVX2_CHAINS; i++) {
+        const __m256 frac = _mm256_fmadd_ps(p, _mm256_mul_ps(q[i], t[i]), s);
+        n[i] = _mm256_round_ps(_mm256_fmadd_ps(p, e[i], frac), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        f[i] = _mm256_add_ps(_mm256_fmsub_ps(p, e[i], n[i]), frac);
+    }
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(_mm256_set1_ps(X5), f[i], _mm256_set1_ps(X4));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], f[i], _mm256_set1_ps(X3));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], f[i], _mm256_set1_ps(X2));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], f[i], _mm256_set1_ps(X1));
+    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], f[i], _mm256_set1_ps(X0));
+    for (int i = 0; i < AVX2_CHAINS; i++) {
+        /* n = inf (a = inf) clamps to N_HIGH; q is NaN there, and min takes NaN to max float too */
+        const __m256 clamped = _mm256_min_ps(_mm256_max_ps(n[i], _mm256_set1_ps(N_LOW)), _mm256_set1_ps(N_HIGH));
+        const __m256 n1 = _mm256_min_ps(_mm256_max_ps(clamped, _mm256_set1_ps(-124.0f)), _mm256_set1_ps(127.0f));
+        const __m256i bias = _mm256_set1_epi32(127);
+        const __m256 pow1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n1), bias), 23));
+        const __m256 pow2 = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(_mm256_sub_ps(clamped, n1)), bias), 23));
+        const __m256 r = _mm256_min_ps(_mm256_mul_ps(_mm256_mul_ps(q[i], pow1), pow2), _mm256_set1_ps(MAX_FLOAT));
+        const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+        const __m256 signed_r = _mm256_or_ps(_mm256_andnot_ps(sign, r), _mm256_and_ps(sign, v[i]));
+        _mm256_storeu_ps(y + 8 * i, _mm256_and_ps(signed_r, _mm256_cmp_ps(v[i], v[i], _CMP_ORD_Q))); /* NaN x -> 0 */
+    }
+}
+
+AVX2 static inline void activation_avx2(const float *x, float *y, float power, float log2_scale, float eps) {
+    const __m256 p = _mm256_set1_ps(power), s = _mm256_set1_ps(log2_scale), e = _mm256_set1_ps(eps);
+    for (int i = 0; i < BLOCK; i += 8 * AVX2_CHAINS) activation_avx2_part(x + i, y + i, p, s, e);
+}
+
+MIX_TASK(mix_task_avx2, AVX2, activation_avx2)
+
+AVX2 static void gather_pairs_avx2(const PixelMix *e, int64_t j0, int32_t *pairs) {
+    const int64_t row_bytes = e->k * e->channels, row_stride = e->width * e->channels;
+    int32_t offset[BLOCK];
+    window_offsets(e, j0, offset);
+    const __m256i even = _mm256_set1_epi32(0x00ff00ff); /* the same pairs as `gather_pairs_avx512` */
+    for (int64_t ky = 0; ky < e->k; ky++) {
+        for (int64_t d = 0; d < row_bytes / 4; d++) {
+            const int64_t pair = (ky * row_bytes + 4 * d) / 2;
+            const __m256i shift = _mm256_set1_epi32((int32_t)(ky * row_stride + 4 * d));
+            for (int v = 0; v < BLOCK / 8; v++) {
+                const __m256i where = _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(offset + 8 * v)), shift);
+                const __m256i bytes = _mm256_i32gather_epi32((const int *)e->pixels, where, 1);
+                _mm256_storeu_si256((__m256i *)(pairs + pair * BLOCK + 8 * v), _mm256_and_si256(bytes, even));
+                _mm256_storeu_si256((__m256i *)(pairs + (pair + 1) * BLOCK + 8 * v),
+                                    _mm256_and_si256(_mm256_srli_epi32(bytes, 8), even));
+            }
+        }
+    }
+}
+
+/* As `multiply_avx512`, 16 patches at a time: 2 vectors x TILE rows = 12 accumulators, the pair
+   and the broadcast weight in the 16 registers. */
+AVX2 __attribute__((noinline)) static void multiply_avx2(const PixelMix *e, const int32_t *pairs, float *linear) {
+    for (int64_t t = 0; t * TILE < e->rows; t++) {
+        for (int s = 0; s < BLOCK; s += 16) {
+            __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00, a04 = a00, a05 = a00;
+            __m256i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a14 = a00, a15 = a00;
+            const int32_t *w = e->weight + t * e->pairs * TILE;
+            for (int64_t p = 0; p < e->pairs; p++, w += TILE) {
+                const int32_t *x = pairs + p * BLOCK + s;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 8));
+#define STEP(c)                                                                                                       \
+    {                                                                                                                 \
+        const __m256i wc = _mm256_set1_epi32(w[c]);                                                                   \
+        a0##c = _mm256_add_epi32(a0##c, _mm256_madd_epi16(x0, wc));                                                   \
+        a1##c = _mm256_add_epi32(a1##c, _mm256_madd_epi16(x1, wc));                                                   \
+    }
+                STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5)
+#undef STEP
+            }
+#define STORE(c)                                                                                                      \
+    if (t * TILE + c < e->rows) {                                                                                     \
+        const int64_t r = t * TILE + c;                                                                               \
+        float *dst = linear + r * BLOCK + s;                                                                          \
+        if (e->sums == NULL) {                                                                                        \
+            const __m256 scale = _mm256_set1_ps(e->row_scale[r]), bias = _mm256_set1_ps(e->row_bias[r]);              \
+            _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0##c), scale, bias));                           \
+            _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1##c), scale, bias));                       \
+        } else {                                                                                                      \
+            _mm256_storeu_si256((__m256i *)dst, a0##c);                                                               \
+            _mm256_storeu_si256((__m256i *)(dst + 8), a1##c);                                                         \
+        }                                                                                                             \
+    }
+            STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+#undef STORE
+        }
+    }
+}
+#endif /* HAVE_X86 */
+
+/* ------------------------------------------------------------------ portable C */
+
+static inline float from_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint32_t to_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
+}
+
+/* x rounded to the nearest integer, ties to even, for |x| < 2^22 (or infinite): adding and
+   subtracting 1.5 * 2^23 vectorizes everywhere, where rintf is a library call on plain x86-64.
+   Only with float arithmetic in float (FLT_EVAL_METHOD 0: every 64-bit target). */
+#if FLT_EVAL_METHOD == 0
+#define ROUND_FLOAT(x) (((x) + 12582912.0f) - 12582912.0f)
+#define ROUND_DOUBLE(x) (((x) + 6755399441055744.0) - 6755399441055744.0)
+#else
+#include <math.h>
+#define ROUND_FLOAT(x) rintf(x)
+#define ROUND_DOUBLE(x) rint(x)
+#endif
+
+/* act for one block in plain C, as `activation_avx2` element by element; the compiler
+   vectorizes the loop. Where the target has no fused multiply-add (plain x86-64), power * e,
+   which the others take exactly from an FMA, is computed in double instead (exact there too). */
+PORTABLE static void activation_portable(const float *x, float *y, float power, float log2_scale, float eps) {
+    for (int i = 0; i < BLOCK; i++) {
+        const float v = x[i];
+        float a = (v > 0.0f ? v : 0.0f) + eps; /* NaN -> 0 */
+        const int tiny = a < FLT_MIN;
+        a = tiny ? a * 16777216.0f : a;
+        const uint32_t bits = to_bits(a);
+        const int32_t exponent = (int32_t)(bits - MANTISSA_OFFSET) >> 23;
+        const float t = from_bits(bits - ((uint32_t)exponent << 23)) - 1.0f;
+        const float e = a == INFINITY ? INFINITY : (float)exponent - (tiny ? 24.0f : 0.0f);
+        float q = L7 * t + L6;
+        q = q * t + L5;
+        q = q * t + L4;
+        q = q * t + L3;
+        q = q * t + L2;
+        q = q * t + L1;
+        q = q * t + L0;
+#ifdef __FP_FAST_FMAF
+        const float frac = fmaf(power, q * t, log2_scale);
+        const float n = ROUND_FLOAT(fmaf(power, e, frac));
+        const float f = fmaf(power, e, -n) + frac;
+#else
+        const float frac = power * (q * t) + log2_scale;
+        const double pe = (double)power * e, nd = ROUND_DOUBLE(pe + frac);
+        const float n = (float)nd, f = (float)(pe - nd) + frac;
+#endif
+        q = X5 * f + X4;
+        q = q * f + X3;
+        q = q * f + X2;
+        q = q * f + X1;
+        q = q * f + X0;
+        const float clamped = n < N_LOW ? N_LOW : n > N_HIGH ? N_HIGH : n;
+        const float n1 = clamped < -124.0f ? -124.0f : clamped > 127.0f ? 127.0f : clamped;
+        const float pow1 = from_bits((uint32_t)((int32_t)n1 + 127) << 23);
+        const float pow2 = from_bits((uint32_t)((int32_t)(clamped - n1) + 127) << 23);
+        const float product = q * pow1 * pow2;
+        const float r = product < MAX_FLOAT ? product : MAX_FLOAT; /* inf and NaN -> max float */
+        const uint32_t out = (to_bits(r) & 0x7fffffffu) | (to_bits(v) & 0x80000000u);
+        y[i] = v == v ? from_bits(out) : 0.0f;
+    }
+}
+
+MIX_TASK(mix_task_portable, PORTABLE, activation_portable)
+
+PORTABLE static void gather_pairs_portable(const PixelMix *e, int64_t j0, int32_t *pairs) {
+    const int64_t row_bytes = e->k * e->channels, row_stride = e->width * e->channels;
+    int32_t offset[BLOCK];
+    window_offsets(e, j0, offset);
+    for (int64_t ky = 0; ky < e->k; ky++) {
+        for (int64_t d = 0; d < row_bytes / 4; d++) {
+            const int64_t pair = (ky * row_bytes + 4 * d) / 2, shift = ky * row_stride + 4 * d;
+            for (int i = 0; i < BLOCK; i++) {
+                const uint8_t *b = e->pixels + offset[i] + shift;
+                pairs[pair * BLOCK + i] = b[0] | b[2] << 16;
+                pairs[(pair + 1) * BLOCK + i] = b[1] | b[3] << 16;
+            }
+        }
+    }
+}
+
+/* The weights' 16-bit pairs read as int16 in memory order (so on any byte order), the pixels'
+   from the values `gather_pairs_portable` made: the sums of the vector variants. */
+PORTABLE static void multiply_portable(const PixelMix *e, const int32_t *pairs, float *linear) {
+    for (int64_t t = 0; t * TILE < e->rows; t++) {
+        int32_t acc[TILE][BLOCK] = {{0}};
+        const int16_t *w = (const int16_t *)(e->weight + t * e->pairs * TILE);
+        for (int64_t p = 0; p < e->pairs; p++, w += 2 * TILE) {
+            const int32_t *x = pairs + p * BLOCK;
+            for (int c = 0; c < TILE; c++) {
+                const int32_t w0 = w[2 * c], w1 = w[2 * c + 1];
+                for (int i = 0; i < BLOCK; i++) acc[c][i] += w0 * (x[i] & 0xffff) + w1 * (x[i] >> 16);
+            }
+        }
+        for (int c = 0; c < TILE && t * TILE + c < e->rows; c++) {
+            const int64_t r = t * TILE + c;
+            float *dst = linear + r * BLOCK;
+            if (e->sums == NULL) {
+                const float scale = e->row_scale[r], bias = e->row_bias[r];
+                for (int i = 0; i < BLOCK; i++) dst[i] = (float)acc[c][i] * scale + bias;
+            } else {
+                memcpy(dst, acc[c], sizeof acc[c]);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ dispatch and entry points */
+
+static const Variant variants[] = { /* best first, as `VARIANTS` lists them */
+#if HAVE_X86
+    {"avx512", activation_avx512, mix_task_avx512, gather_pairs_avx512, multiply_avx512, multiply_vnni},
+    {"avx2", activation_avx2, mix_task_avx2, gather_pairs_avx2, multiply_avx2, NULL},
+#endif
+    {"portable", activation_portable, mix_task_portable, gather_pairs_portable, multiply_portable, NULL},
+};
+#define VARIANT_COUNT ((int)(sizeof variants / sizeof variants[0]))
+
+static int runs[VARIANT_COUNT]; /* whether this CPU runs each variant, read once when the module loads */
+static int vnni;                /* AVX-512 VNNI */
+
+static void read_cpu_features(void) {
+    for (int i = 0; i < VARIANT_COUNT; i++) runs[i] = 0;
+#if HAVE_X86
+    __builtin_cpu_init(); /* also checks that the OS saves the vector registers */
+    runs[0] = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl");
+    runs[1] = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    vnni = runs[0] && __builtin_cpu_supports("avx512vnni");
+#endif
+    runs[VARIANT_COUNT - 1] = 1;
+}
+
+/* The variant by name, or NULL with a RuntimeError set for the caller to return. */
+static const Variant *variant_named(const char *name) {
+    for (int i = 0; i < VARIANT_COUNT; i++)
+        if (strcmp(variants[i].name, name) == 0) {
+            if (runs[i]) return &variants[i];
+            PyErr_Format(PyExc_RuntimeError, "this CPU cannot run the %s kernel", name);
+            return NULL;
+        }
+    PyErr_Format(PyExc_RuntimeError, "no kernel variant named %s in this build", name);
+    return NULL;
+}
+
+static void mix(const Mix *m, const Variant *v) {
+    const int64_t blocks = m->n / BLOCK;
+#pragma omp parallel for schedule(static) num_threads(m->threads)
+    for (int64_t task = 0; task < m->channels * blocks; task++) {
+        const int64_t o = task / blocks, j = (task % blocks) * BLOCK;
+        v->mix_task(m, m->linear + j, m->n, o, j);
+    }
+}
+
+static int pixel_mix(const PixelMix *e, const Variant *v) {
     const int64_t blocks = (e->n + BLOCK - 1) / BLOCK;
+    void (*multiply)(const PixelMix *, const int32_t *, float *) = e->vnni ? v->multiply_vnni : v->multiply;
     int failed = 0;
 #pragma omp parallel num_threads(e->mix.threads)
     {
@@ -267,125 +585,140 @@ AVX512 static int pixel_mix(const PixelMix *e) {
 #pragma omp for schedule(static)
         for (int64_t block = 0; block < blocks; block++) {
             if (pairs == NULL || linear == NULL) continue;
-            gather_pairs(e, block * BLOCK, pairs);
-            if (e->vnni)
-                multiply_vnni(e, pairs, linear);
+            v->gather_pairs(e, block * BLOCK, pairs);
+            multiply(e, pairs, linear);
+            if (e->sums != NULL)
+                memcpy(e->sums + block * e->rows * BLOCK, linear, sizeof(float) * e->rows * BLOCK);
             else
-                multiply_avx512(e, pairs, linear);
-            for (int64_t o = 0; o < e->mix.channels; o++) mix_task(&e->mix, linear, BLOCK, o, block * BLOCK);
+                for (int64_t o = 0; o < e->mix.channels; o++) v->mix_task(&e->mix, linear, BLOCK, o, block * BLOCK);
         }
         free(pairs);
         free(linear);
     }
     return failed;
 }
-#endif
-
-static int has_avx512(void) {
-#if HAVE_AVX512
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-#else
-    return 0;
-#endif
-}
-
-static int has_vnni(void) {
-#if HAVE_AVX512
-    return has_avx512() && __builtin_cpu_supports("avx512vnni");
-#else
-    return 0;
-#endif
-}
-
-static int avx512, vnni; /* has_avx512() and has_vnni(), read once when the module loads */
-
-/* 1 where the kernel can run; else 0 with a RuntimeError set for the caller to return. */
-static int require_avx512(const char *what) {
-    if (!avx512) PyErr_Format(PyExc_RuntimeError, "%s: this CPU (or this build) has no AVX-512", what);
-    return avx512;
-}
 
 /* Python entry point. The caller (hybrid_codec/fast.py) checks every tensor's dtype, shape,
    contiguity and device and passes data pointers; this checks the sizes it relies on. */
 static PyObject *py_mix(PyObject *self, PyObject *args) {
+    const char *name;
     Py_ssize_t linear, out, power1, log2_scale1, w2, b2, power2, log2_scale2;
     long long out_stride, channels, hidden, n;
     float eps1, eps2, inv_patch;
     int threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnLLLLnnfnnnnffi", &linear, &out, &out_stride, &channels, &hidden, &n, &power1,
-                          &log2_scale1, &eps1, &w2, &b2, &power2, &log2_scale2, &eps2, &inv_patch, &threads))
+    if (!PyArg_ParseTuple(args, "snnLLLLnnfnnnnffi", &name, &linear, &out, &out_stride, &channels, &hidden, &n,
+                          &power1, &log2_scale1, &eps1, &w2, &b2, &power2, &log2_scale2, &eps2, &inv_patch, &threads))
         return NULL;
     if (channels < 1 || hidden < 1 || hidden > MAX_HIDDEN || n < 0 || n % BLOCK || out_stride < n || threads < 1) {
         PyErr_SetString(PyExc_ValueError, "dynamic_from_linear: sizes out of range");
         return NULL;
     }
-    if (!require_avx512("mix")) return NULL;
-#if HAVE_AVX512
+    const Variant *v = variant_named(name);
+    if (v == NULL) return NULL;
     const Mix m = {(const float *)linear, (float *)out, out_stride, channels, hidden, n, (const float *)power1,
                    (const float *)log2_scale1, (const float *)w2, (const float *)b2, (const float *)power2,
                    (const float *)log2_scale2, eps1, eps2, inv_patch, threads};
     Py_BEGIN_ALLOW_THREADS
-    mix(&m);
+    mix(&m, v);
     Py_END_ALLOW_THREADS
-#endif
     Py_RETURN_NONE;
 }
 
-/* Python entry point for `pixel_mix`; checks the sizes it relies on, as `py_mix` does. `use_vnni`
-   0 takes the plain AVX-512 multiply-add even on a VNNI CPU (the tests compare the two). */
-static PyObject *py_pixel_mix(PyObject *self, PyObject *args) {
-    Py_ssize_t pixels, weight, row_scale, row_bias, out, power1, log2_scale1, w2, b2, power2, log2_scale2;
-    long long batch, height, width, channels, k, rows, out_stride, out_channels, hidden;
-    float eps1, eps2, inv_patch;
-    int threads, use_vnni;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "nLLLLLnnnLnLLLnnfnnnnffip", &pixels, &batch, &height, &width, &channels, &k, &weight,
-                          &row_scale, &row_bias, &rows, &out, &out_stride, &out_channels, &hidden, &power1,
-                          &log2_scale1, &eps1, &w2, &b2, &power2, &log2_scale2, &eps2, &inv_patch, &threads,
-                          &use_vnni))
-        return NULL;
+/* The sizes `dynamic_from_pixels` and `pixel_sums` rely on; 0 with a ValueError set if one is out of range. */
+static int pixel_sizes_fit(const char *what, long long batch, long long height, long long width, long long channels,
+                           long long k, long long rows, long long out_stride, long long out_channels,
+                           long long hidden, int threads) {
     const long long out_h = k > 0 ? height / k : 0, out_w = k > 0 ? width / k : 0, n = batch * out_h * out_w;
     if (batch < 1 || channels < 1 || k < 1 || (k * channels) % 4 || out_h < 1 || out_w < 1 ||
         batch * height * width * channels > INT32_MAX || out_channels < 1 || hidden < 1 || hidden > MAX_HIDDEN ||
         rows != 2 * out_channels * hidden + 2 * out_channels || out_stride < n + (BLOCK - n % BLOCK) % BLOCK ||
         threads < 1) {
-        PyErr_SetString(PyExc_ValueError, "dynamic_from_pixels: sizes out of range");
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "%s: sizes out of range", what);
+        return 0;
     }
-    if (!require_avx512("pixel_mix")) return NULL;
-    int failed = 0;
-#if HAVE_AVX512
-    const PixelMix e = {(const uint8_t *)pixels, height, width, channels, k, out_h, out_w, n, (const int32_t *)weight,
-                        (const float *)row_scale, (const float *)row_bias, rows, k * k * channels / 2,
-                        vnni && use_vnni, {NULL, (float *)out, out_stride, out_channels, hidden, 0, (const float *)power1,
+    return 1;
+}
+
+/* Python entry point for `pixel_mix`; checks the sizes it relies on, as `py_mix` does. `use_vnni`
+   0 takes the plain AVX-512 multiply-add even on a VNNI CPU (the tests compare the two). */
+static PyObject *py_pixel_mix(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_ssize_t pixels, weight, row_scale, row_bias, out, power1, log2_scale1, w2, b2, power2, log2_scale2;
+    long long batch, height, width, channels, k, rows, out_stride, out_channels, hidden;
+    float eps1, eps2, inv_patch;
+    int threads, use_vnni;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "snLLLLLnnnLnLLLnnfnnnnffip", &name, &pixels, &batch, &height, &width, &channels, &k,
+                          &weight, &row_scale, &row_bias, &rows, &out, &out_stride, &out_channels, &hidden, &power1,
+                          &log2_scale1, &eps1, &w2, &b2, &power2, &log2_scale2, &eps2, &inv_patch, &threads,
+                          &use_vnni))
+        return NULL;
+    if (!pixel_sizes_fit("dynamic_from_pixels", batch, height, width, channels, k, rows, out_stride, out_channels,
+                         hidden, threads))
+        return NULL;
+    const Variant *v = variant_named(name);
+    if (v == NULL) return NULL;
+    const long long out_h = height / k, out_w = width / k;
+    const PixelMix e = {(const uint8_t *)pixels, height, width, channels, k, out_h, out_w, batch * out_h * out_w,
+                        (const int32_t *)weight, (const float *)row_scale, (const float *)row_bias, rows,
+                        k * k * channels / 2, vnni && use_vnni && v->multiply_vnni != NULL,
+                        {NULL, (float *)out, out_stride, out_channels, hidden, 0, (const float *)power1,
                          (const float *)log2_scale1, (const float *)w2, (const float *)b2, (const float *)power2,
-                         (const float *)log2_scale2, eps1, eps2, inv_patch, threads}};
+                         (const float *)log2_scale2, eps1, eps2, inv_patch, threads},
+                        NULL};
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = pixel_mix(&e);
+    failed = pixel_mix(&e, v);
     Py_END_ALLOW_THREADS
-#endif
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* The integer product of `pixel_mix` alone: its 32-bit sums, (blocks, rows, BLOCK), for the
+   tests that compare the variants bit for bit. */
+static PyObject *py_pixel_sums(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_ssize_t pixels, weight, out;
+    long long batch, height, width, channels, k, rows, out_channels, hidden;
+    int use_vnni;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "snLLLLLnLLLnp", &name, &pixels, &batch, &height, &width, &channels, &k, &weight,
+                          &rows, &out_channels, &hidden, &out, &use_vnni))
+        return NULL;
+    const long long out_h = k > 0 ? height / k : 0, out_w = k > 0 ? width / k : 0, n = batch * out_h * out_w;
+    if (!pixel_sizes_fit("pixel_sums", batch, height, width, channels, k, rows, n + (BLOCK - n % BLOCK) % BLOCK,
+                         out_channels, hidden, 1))
+        return NULL;
+    const Variant *v = variant_named(name);
+    if (v == NULL) return NULL;
+    const PixelMix e = {(const uint8_t *)pixels, height, width, channels, k, out_h, out_w, n, (const int32_t *)weight,
+                        NULL, NULL, rows, k * k * channels / 2, vnni && use_vnni && v->multiply_vnni != NULL,
+                        {NULL, NULL, 0, out_channels, hidden, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, 1},
+                        (int32_t *)out};
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = pixel_mix(&e, v);
+    Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 /* The activation alone, over n values (a multiple of BLOCK): what the tests check edge cases on. */
 static PyObject *py_activation(PyObject *self, PyObject *args) {
+    const char *name;
     Py_ssize_t x, y;
     long long n;
     float power, log2_scale, eps;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnLfff", &x, &y, &n, &power, &log2_scale, &eps)) return NULL;
+    if (!PyArg_ParseTuple(args, "snnLfff", &name, &x, &y, &n, &power, &log2_scale, &eps)) return NULL;
     if (n < 0 || n % BLOCK) {
         PyErr_SetString(PyExc_ValueError, "activation: n out of range");
         return NULL;
     }
-    if (!require_avx512("activation")) return NULL;
-#if HAVE_AVX512
-    for (long long j = 0; j < n; j += BLOCK) activation((const float *)x + j, (float *)y + j, power, log2_scale, eps);
-#endif
+    const Variant *v = variant_named(name);
+    if (v == NULL) return NULL;
+    for (long long j = 0; j < n; j += BLOCK) v->activation((const float *)x + j, (float *)y + j, power, log2_scale, eps);
     Py_RETURN_NONE;
 }
 
@@ -393,6 +726,7 @@ static PyMethodDef methods[] = {
     {"dynamic_from_linear", py_mix, METH_VARARGS, "DynamicConv's eval forward after its matrix product (see fast.py)."},
     {"activation", py_activation, METH_VARARGS, "The HybridDense activation of n values (see fast.py)."},
     {"dynamic_from_pixels", py_pixel_mix, METH_VARARGS, "The encoder's forward from 8-bit pixels (see fast.py)."},
+    {"pixel_sums", py_pixel_sums, METH_VARARGS, "The integer sums of dynamic_from_pixels alone (for the tests)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -401,15 +735,27 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fast", NULL, -1, me
 PyMODINIT_FUNC PyInit__fast(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    avx512 = has_avx512();
-    vnni = has_vnni();
+    read_cpu_features();
 #ifdef _OPENMP
     const int openmp = 1;
 #else
     const int openmp = 0;
 #endif
-    if (PyModule_AddIntConstant(m, "MAX_HIDDEN", MAX_HIDDEN) ||
-        PyModule_AddIntConstant(m, "OPENMP", openmp) || PyModule_AddIntConstant(m, "AVX512", avx512) ||
+    int count = 0;
+    for (int i = 0; i < VARIANT_COUNT; i++) count += runs[i];
+    PyObject *names = PyTuple_New(count); /* the variants this CPU runs, best first */
+    for (int i = 0, at = 0; names != NULL && i < VARIANT_COUNT; i++) {
+        if (!runs[i]) continue;
+        PyObject *name = PyUnicode_FromString(variants[i].name);
+        if (name == NULL) Py_CLEAR(names);
+        else PyTuple_SET_ITEM(names, at++, name);
+    }
+    if (names == NULL || PyModule_AddObject(m, "VARIANTS", names)) {
+        Py_XDECREF(names);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "MAX_HIDDEN", MAX_HIDDEN) || PyModule_AddIntConstant(m, "OPENMP", openmp) ||
         PyModule_AddIntConstant(m, "VNNI", vnni) || PyModule_AddIntConstant(m, "TILE", TILE)) {
         Py_DECREF(m);
         return NULL;

@@ -11,10 +11,13 @@ columns of that matrix follow the input: scaled by 1/255 for 8-bit images and or
 for channels-last image arrays, which are read in memory order without a copy.
 
 After the product, the compiled kernel (`_fast.c`, built with the package where a C compiler is
-present, on x86-64 CPUs with AVX-512) does in one pass what PyTorch does in about twenty: both
-activations, the second dense layer and the kernel products. For 8-bit images it does the product
-too, on 16-bit integer weights straight from the pixels. Elsewhere (no kernel, other CPUs, other
-devices, float64) PyTorch runs the same steps. `HYBRID_CODEC_KERNEL=0` turns the kernel off.
+present) does in one pass what PyTorch does in about twenty: both activations, the second dense
+layer and the kernel products. For 8-bit images it does the product too, on 16-bit integer
+weights straight from the pixels. It has one variant per instruction set, the best the CPU runs
+chosen at each call (`kernel_variant`): `avx512`, `avx2` (AVX2 + FMA), `portable` (plain C,
+vectorized by the compiler: NEON on ARM64). Elsewhere (no kernel, other devices, float64)
+PyTorch runs the same steps. `HYBRID_CODEC_KERNEL=0` turns the kernel off; a variant's name
+(`avx2`, `portable`) takes at most that one, which is how the tests run every variant a CPU has.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import CodecError
 from .layers import POWER_RANGE, DynamicConv, hybrid_activation
 
 try:
@@ -34,7 +38,7 @@ except ImportError:  # built without a C compiler: PyTorch does the work
     _fast = None
 
 BLOCK = 64
-"""Patches per kernel task (four AVX-512 vectors); the kernel takes a multiple of it."""
+"""Patches per kernel task (four AVX-512 vectors, eight AVX2 ones); the kernel takes a multiple of it."""
 
 KERNEL_CHUNK_VALUES = 2**20
 """Values of the matrix product's output per chunk of patches for the kernel (4 MB, about 128
@@ -46,9 +50,28 @@ PYTORCH_CHUNK_VALUES = 2**21
 CPU's caches, and memory stays bounded however large the image."""
 
 
+KERNEL_VARIANTS = ("avx512", "avx2", "portable")
+"""The compiled kernel's variants, best first; `_fast.VARIANTS` lists those this CPU runs."""
+
+
+def kernel_variant() -> str | None:
+    """The kernel variant that serves: the best this CPU runs, at most the one HYBRID_CODEC_KERNEL
+    names (`avx512`, `avx2`, `portable`; `0` for none, unset or `1` for the best); None where the
+    kernel was not built or is switched off, and PyTorch runs alone."""
+    setting = os.environ.get("HYBRID_CODEC_KERNEL", "1").strip().lower()
+    if setting == "0" or _fast is None:
+        return None
+    if setting in ("", "1"):
+        return _fast.VARIANTS[0]
+    if setting not in KERNEL_VARIANTS:
+        raise CodecError(f"HYBRID_CODEC_KERNEL={setting!r}: use 0, 1 or one of {', '.join(KERNEL_VARIANTS)}")
+    allowed = KERNEL_VARIANTS[KERNEL_VARIANTS.index(setting) :]
+    return next(v for v in _fast.VARIANTS if v in allowed)  # `portable` runs everywhere
+
+
 def kernel_available() -> bool:
-    """Whether the kernel was built, this CPU has AVX-512, and HYBRID_CODEC_KERNEL is not 0."""
-    return _fast is not None and bool(_fast.AVX512) and os.environ.get("HYBRID_CODEC_KERNEL", "1") != "0"
+    """Whether the kernel was built and HYBRID_CODEC_KERNEL does not switch it off."""
+    return kernel_variant() is not None
 
 
 @dataclass
@@ -266,6 +289,7 @@ class FastDynamicConv:
                 part = torch.cat([part, part.new_zeros(-part.shape[0] % BLOCK, part.shape[1])])
             linear = (linear_weight @ part.T).contiguous()  # (2*O*H + 2*O, n), rows in the order the kernel reads
             _fast.dynamic_from_linear(
+                kernel_variant(),
                 linear.data_ptr(),
                 out[:, start:].data_ptr(),
                 out.stride(0),
@@ -278,7 +302,8 @@ class FastDynamicConv:
 
     def _kernel_from_pixels(self, x: torch.Tensor, weights: FoldedWeights) -> torch.Tensor:
         """The whole layer from 8-bit pixels, the product on 16-bit integers (see `integer_weights`):
-        AVX-512 VNNI where the CPU has it, else AVX-512's multiply-add, with identical sums."""
+        AVX-512 VNNI where the CPU has it, else a 16-bit multiply-add (AVX-512, AVX2 or plain C),
+        every variant with identical sums."""
         if weights.integers is None:
             weights.integers = integer_weights(weights.linear)
         packed, row_scale, row_bias = weights.integers
@@ -287,6 +312,7 @@ class FastDynamicConv:
         total = batch * out_h * out_w
         out = torch.empty(self.out_channels, total + -total % BLOCK)
         _fast.dynamic_from_pixels(
+            kernel_variant(),
             x.data_ptr(),
             batch,
             height,
@@ -328,15 +354,19 @@ def integer_weights(linear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return packed, row_scale.float().contiguous(), linear[:, p].float().contiguous()
 
 
-def kernel_activation(lin: torch.Tensor, power: float, scale: float, eps: float) -> torch.Tensor:
-    """The kernel's HybridDense activation of a float32 CPU tensor, one power and (non-zero) scale for all."""
+def kernel_activation(
+    lin: torch.Tensor, power: float, scale: float, eps: float, variant: str | None = None
+) -> torch.Tensor:
+    """The kernel's HybridDense activation of a float32 CPU tensor, one power and (non-zero) scale for
+    all, by `variant` (default: the one that serves, `kernel_variant`)."""
     if scale == 0:
         raise ValueError("the kernel takes non-zero scales only (the layer falls back to PyTorch for 0)")
     flat = lin.detach().to("cpu", torch.float32).reshape(-1)
     padded = torch.cat([flat, flat.new_zeros(-flat.numel() % BLOCK)])
     out = torch.empty_like(padded)
     power = min(max(power, POWER_RANGE[0]), POWER_RANGE[1])
-    _fast.activation(padded.data_ptr(), out.data_ptr(), padded.numel(), power, math.log2(abs(scale)), eps)
+    variant = variant or kernel_variant() or _fast.VARIANTS[0]
+    _fast.activation(variant, padded.data_ptr(), out.data_ptr(), padded.numel(), power, math.log2(abs(scale)), eps)
     return out[: flat.numel()].view_as(lin)
 
 

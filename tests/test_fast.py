@@ -1,7 +1,9 @@
-"""fast.py against the plain layer: the folded PyTorch path everywhere, the compiled kernel (_fast.c) where it runs."""
+"""fast.py against the plain layer: the folded PyTorch path everywhere, and each variant of the
+compiled kernel (_fast.c) that this CPU runs against it."""
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 import warnings
@@ -13,12 +15,25 @@ from test_layers import GEOMETRIES as LAYER_GEOMETRIES
 from test_layers import random_layer
 
 from hybrid_codec import fast
+from hybrid_codec.errors import CodecError
 from hybrid_codec.fast import FastDynamicConv
 from hybrid_codec.layers import hybrid_activation
 
-needs_kernel = pytest.mark.skipif(
-    not fast.kernel_available(), reason="the kernel is not built or this CPU has no AVX-512"
-)
+needs_kernel = pytest.mark.skipif(fast._fast is None, reason="the kernel is not built")
+RUNNABLE = fast._fast.VARIANTS if fast._fast is not None else ()
+
+
+def runs(variant: str) -> pytest.MarkDecorator:
+    reason = "the kernel is not built" if fast._fast is None else f"this CPU cannot run the {variant} kernel"
+    return pytest.mark.skipif(variant not in RUNNABLE, reason=reason)
+
+
+@pytest.fixture(params=[pytest.param(v, marks=runs(v)) for v in fast.KERNEL_VARIANTS])
+def variant(request, monkeypatch) -> str:
+    """Each kernel variant this CPU runs in turn, chosen as a user would (HYBRID_CODEC_KERNEL)."""
+    monkeypatch.setenv("HYBRID_CODEC_KERNEL", request.param)
+    assert fast.kernel_variant() == request.param
+    return request.param
 
 
 def pytorch_only(monkeypatch) -> None:
@@ -87,6 +102,52 @@ def test_the_kernel_is_built_on_x86_64_linux():
     assert fast._fast.OPENMP
 
 
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return next((set(line.split(":")[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+
+
+@needs_kernel
+def test_the_variants_follow_the_cpu():
+    """Every variant the CPU can execute is offered, best first; plain C runs on any CPU."""
+    assert fast._fast.VARIANTS[-1] == "portable"
+    assert list(fast._fast.VARIANTS) == [v for v in fast.KERNEL_VARIANTS if v in fast._fast.VARIANTS]
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+        flags = cpu_flags()
+        expected = ["avx512"] if {"avx512f", "avx512bw", "avx512vl"} <= flags else []
+        expected += ["avx2"] if {"avx2", "fma"} <= flags else []
+        assert fast._fast.VARIANTS == (*expected, "portable")
+        assert bool(fast._fast.VNNI) == ("avx512" in expected and "avx512_vnni" in flags)
+
+
+@needs_kernel
+def test_the_setting_chooses_the_variant(monkeypatch):
+    """Unset or 1: the best; 0: none (PyTorch); a name: at most that variant; anything else: one clear error."""
+    monkeypatch.delenv("HYBRID_CODEC_KERNEL", raising=False)
+    assert fast.kernel_variant() == fast._fast.VARIANTS[0] and fast.kernel_available()
+    monkeypatch.setenv("HYBRID_CODEC_KERNEL", "0")
+    assert fast.kernel_variant() is None and not fast.kernel_available()
+    for name in fast.KERNEL_VARIANTS:
+        monkeypatch.setenv("HYBRID_CODEC_KERNEL", name)
+        lower = fast.KERNEL_VARIANTS[fast.KERNEL_VARIANTS.index(name) :]
+        assert fast.kernel_variant() == next(v for v in RUNNABLE if v in lower)
+    monkeypatch.setenv("HYBRID_CODEC_KERNEL", "AVX2 ")
+    assert fast.kernel_variant() == ("avx2" if "avx2" in RUNNABLE else "portable")
+    monkeypatch.setenv("HYBRID_CODEC_KERNEL", "sse9")
+    with pytest.raises(CodecError, match="HYBRID_CODEC_KERNEL"):
+        fast.kernel_variant()
+
+
+@needs_kernel
+def test_the_kernel_refuses_a_variant_it_cannot_run():
+    buffer = torch.zeros(64)
+    with pytest.raises(RuntimeError, match="no kernel variant named sse9"):
+        fast._fast.activation("sse9", buffer.data_ptr(), buffer.data_ptr(), 64, 1.0, 0.0, 1e-6)
+    for name in set(fast.KERNEL_VARIANTS) - set(RUNNABLE):
+        with pytest.raises(RuntimeError, match="cannot run"):
+            fast._fast.activation(name, buffer.data_ptr(), buffer.data_ptr(), 64, 1.0, 0.0, 1e-6)
+
+
 # (in, out, kernel, stride, padding, H, W, hidden): the decoder's and encoder's geometries, ragged
 # patch counts (not multiples of the kernel's 64-patch blocks), hidden sizes from 1 to the maximum
 GEOMETRIES = [
@@ -98,9 +159,8 @@ GEOMETRIES = [
 ]
 
 
-@needs_kernel
 @pytest.mark.parametrize("in_ch,out_ch,k,stride,padding,height,width,hidden", GEOMETRIES)
-def test_kernel_matches_the_pytorch_path(monkeypatch, in_ch, out_ch, k, stride, padding, height, width, hidden):
+def test_kernel_matches_the_pytorch_path(monkeypatch, variant, in_ch, out_ch, k, stride, padding, height, width, hidden):
     layer = random_layer(in_ch, out_ch, k, stride, padding, hidden=hidden, seed=hidden).float().eval()
     plan = FastDynamicConv(layer)
     x = torch.randn(2, in_ch, height, width, generator=torch.Generator().manual_seed(3))
@@ -113,8 +173,7 @@ def test_kernel_matches_the_pytorch_path(monkeypatch, in_ch, out_ch, k, stride, 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@needs_kernel
-def test_kernel_output_does_not_depend_on_thread_count():
+def test_kernel_output_does_not_depend_on_thread_count(variant):
     layer = random_layer(4, 24, 3, 1, "same", hidden=22).float().eval()
     plan = FastDynamicConv(layer)
     x = torch.randn(1, 4, 20, 30, generator=torch.Generator().manual_seed(4))
@@ -130,8 +189,7 @@ def test_kernel_output_does_not_depend_on_thread_count():
     assert torch.equal(one, two)
 
 
-@needs_kernel
-def test_chunks_do_not_change_the_output(monkeypatch):
+def test_chunks_do_not_change_the_output(monkeypatch, variant):
     layer = random_layer(4, 6, 3, 1, "same", hidden=5).float().eval()
     plan = FastDynamicConv(layer)
     x = torch.randn(1, 4, 30, 31, generator=torch.Generator().manual_seed(5))  # 930 patches
@@ -144,19 +202,17 @@ def test_chunks_do_not_change_the_output(monkeypatch):
 EDGES = [float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e30, 0.0, -0.0, 1e-40, -1e-40, 1e-6, 0.5, 2.0, -3.0]
 
 
-@needs_kernel
 @pytest.mark.parametrize("power,scale", [(1.0, 1.0), (0.25, 2.0), (4.0, 1.0), (4.0, -0.5), (2.7, 1e-3), (0.1, 9.0)])
-def test_activation_matches_pytorch_on_edge_values(power, scale):
+def test_activation_matches_pytorch_on_edge_values(variant, power, scale):
     """NaN -> 0, overflow -> the largest float with the input's sign, powers clamped, like the formula."""
     x = torch.tensor(EDGES + torch.randn(50, generator=torch.Generator().manual_seed(6)).mul(30).tolist())
-    got = fast.kernel_activation(x, power, scale, 1e-6)
+    got = fast.kernel_activation(x, power, scale, 1e-6, variant)
     expected = hybrid_activation(x, torch.tensor(power), torch.tensor(scale), 1e-6)
     torch.testing.assert_close(got, expected, rtol=2e-6, atol=0)
     assert torch.equal(torch.signbit(got), torch.signbit(expected))
 
 
-@needs_kernel
-def test_activation_relative_error_over_the_whole_range():
+def test_activation_relative_error_over_the_whole_range(variant):
     """Every float from 1e-30 to 1e30 and back, each power: within 2e-6 of float64's exact value."""
     x = torch.logspace(-30, 30, 20000, dtype=torch.float64)
     x = torch.cat([x, -x, torch.rand(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 4])
@@ -165,7 +221,7 @@ def test_activation_relative_error_over_the_whole_range():
             x, torch.tensor(power, dtype=torch.float64), torch.tensor(1.3, dtype=torch.float64), 1e-6
         )
         finite = exact.abs() < 3e38
-        got = fast.kernel_activation(x.float(), power, 1.3, 1e-6).double()
+        got = fast.kernel_activation(x.float(), power, 1.3, 1e-6, variant).double()
         relative = ((got - exact).abs() / exact.abs())[finite]
         assert relative.max() < 2e-6, (power, relative.max().item())
 
@@ -173,9 +229,9 @@ def test_activation_relative_error_over_the_whole_range():
 @needs_kernel
 def test_zero_scale_is_left_to_pytorch(monkeypatch):
     layer = random_layer(4, 6, 3, 1, "same").float().eval()
-    plan = FastDynamicConv(layer)
     with torch.no_grad():
         layer.dense2.scale[0, 0] = 0.0
+    plan = FastDynamicConv(layer)  # reads the scales once, here
     x = torch.full((1, 4, 5, 5), 1e30)  # overflows: 0 * inf, which the kernel would make NaN
     with torch.inference_mode():
         assert plan._kernel_parameters is None
@@ -213,7 +269,7 @@ def test_export_and_tracing_take_the_pytorch_path_and_match(record):
             code = recorded.code
         else:
             recorded = torch.jit.trace(layer, x)
-            code = str(recorded.graph)
+            code = str(recorded.inlined_graph)  # the layer's own graph calls its submodules' ones
         torch.testing.assert_close(recorded(x), plan(x), rtol=1e-5, atol=1e-5)
     assert "log" in code and "exp" in code
 
@@ -222,14 +278,14 @@ def test_export_and_tracing_take_the_pytorch_path_and_match(record):
 def test_kernel_refuses_sizes_it_cannot_take():
     buffer = torch.zeros(1024)
     ptr = buffer.data_ptr()
+    mix = functools.partial(fast._fast.dynamic_from_linear, RUNNABLE[0])
     with pytest.raises(ValueError, match="sizes"):  # 10 patches: not whole 64-patch blocks
-        fast._fast.mix(ptr, ptr, 10, 1, 1, 10, ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
+        mix(ptr, ptr, 10, 1, 1, 10, ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
     with pytest.raises(ValueError, match="sizes"):  # more hidden features than its buffers hold
-        fast._fast.mix(ptr, ptr, 64, 1, 65, 64, ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
+        mix(ptr, ptr, 64, 1, 65, 64, ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
 
 
-@needs_kernel
-def test_codec_output_with_and_without_the_kernel(monkeypatch):
+def test_codec_output_with_and_without_the_kernel(monkeypatch, variant):
     """The shipped codec: latent codes at most one level apart, in a few places (the encoder's
     product on 16-bit weights), and decoded pixels at most one level apart."""
     from skimage.data import astronaut
@@ -267,9 +323,8 @@ PIXEL_GEOMETRIES = [
 ]
 
 
-@needs_kernel
 @pytest.mark.parametrize("in_ch,out_ch,k,batch,height,width,hidden", PIXEL_GEOMETRIES)
-def test_pixel_kernel_matches_the_pytorch_path(monkeypatch, in_ch, out_ch, k, batch, height, width, hidden):
+def test_pixel_kernel_matches_the_pytorch_path(monkeypatch, variant, in_ch, out_ch, k, batch, height, width, hidden):
     """8-bit images: the kernel's 16-bit integer product against PyTorch's float32 one."""
     layer = random_layer(in_ch, out_ch, k, k, 0, hidden=hidden, seed=hidden).float().eval()
     plan = FastDynamicConv(layer)
@@ -283,8 +338,7 @@ def test_pixel_kernel_matches_the_pytorch_path(monkeypatch, in_ch, out_ch, k, ba
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-@needs_kernel
-def test_pixel_kernel_output_does_not_depend_on_thread_count():
+def test_pixel_kernel_output_does_not_depend_on_thread_count(variant):
     layer = random_layer(3, 4, 8, 8, 0, hidden=14).float().eval()
     plan = FastDynamicConv(layer)
     x = eight_bit_images(1, 80, 168)  # 210 patches: both threads get blocks, the last one ragged
@@ -300,8 +354,7 @@ def test_pixel_kernel_output_does_not_depend_on_thread_count():
     assert torch.equal(one, two)
 
 
-@needs_kernel
-def test_pixel_kernel_sums_cannot_overflow(monkeypatch):
+def test_pixel_kernel_sums_cannot_overflow(monkeypatch, variant):
     """White pixels times all-positive weights: the largest sums the 32-bit integers can meet. With
     324-value patches, full 16-bit weights would overflow them (324 * 255 * 32767 > 2**31)."""
     layer = random_layer(4, 4, 9, 9, 0, hidden=6).float().eval()
@@ -320,6 +373,12 @@ def test_pixel_kernel_sums_cannot_overflow(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+def unpacked(packed: torch.Tensor, rows: int, p: int) -> torch.Tensor:
+    """The packing undone: (tiles, pairs, TILE) of (w0, w2), (w1, w3) pairs -> (rows, P) integers."""
+    pairs = packed.transpose(1, 2).reshape(-1, p // 2)[:rows]
+    return pairs.contiguous().view(torch.int16).view(rows, p // 4, 2, 2).transpose(-1, -2).reshape(rows, p)
+
+
 def test_pixel_weights_round_each_row_to_16_bits():
     layer = random_layer(3, 4, 8, 8, 0, hidden=5).float().eval()
     plan = FastDynamicConv(layer)
@@ -329,9 +388,7 @@ def test_pixel_weights_round_each_row_to_16_bits():
     packed, row_scale, row_bias = fast.integer_weights(weight)
     rows, p = weight.shape[0], layer.patch_size
     tile = fast._fast.TILE
-    # undo the packing: (tiles, pairs, TILE) of (w0, w2), (w1, w3) pairs -> (rows, P) integers
-    pairs = packed.transpose(1, 2).reshape(-1, p // 2)[:rows]
-    integers = pairs.contiguous().view(torch.int16).view(rows, p // 4, 2, 2).transpose(-1, -2).reshape(rows, p)
+    integers = unpacked(packed, rows, p)
     assert packed.shape == (-(-rows // tile), p // 2, tile)
     assert integers.abs().amax(1).eq(2**15 - 1).all()  # every row uses the whole 16-bit range
     assert torch.equal(row_bias, weight[:, p])
@@ -361,8 +418,8 @@ def test_pixel_kernel_refuses_sizes_it_cannot_take():
     ptr = buffer.data_ptr()
 
     def call(batch, height, width, channels, k, rows, out_stride, out_channels, hidden):
-        fast._fast.pixel_mix(
-            ptr, batch, height, width, channels, k, ptr, ptr, ptr, rows, ptr, out_stride, out_channels, hidden,
+        fast._fast.dynamic_from_pixels(
+            RUNNABLE[0], ptr, batch, height, width, channels, k, ptr, ptr, ptr, rows, ptr, out_stride, out_channels, hidden,
             ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1, True,
         )  # fmt: skip
 
@@ -376,9 +433,8 @@ def test_pixel_kernel_refuses_sizes_it_cannot_take():
         call(1, 4, 8, 3, 8, 2 * 4 * 5 + 8, 64, 4, 5)
 
 
-@needs_kernel
 @pytest.mark.parametrize("height,width", [(64, 96), (61, 93)], ids=["multiple-of-8", "padded"])
-def test_encoding_an_image_array_takes_the_eight_bit_kernel(monkeypatch, height, width):
+def test_encoding_an_image_array_takes_the_eight_bit_kernel(monkeypatch, variant, height, width):
     """Whole arrays, crops of larger ones and sizes that need padding all reach `pixel_mix`: a
     regression here would not fail any output check, only make encoding several times slower."""
     from hybrid_codec import load_codec
@@ -391,3 +447,28 @@ def test_encoding_an_image_array_takes_the_eight_bit_kernel(monkeypatch, height,
     for array in (image[:height, :width].copy(), image[5 : 5 + height, 3 : 3 + width]):
         codec.encode(array)
     assert len(calls) == 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_ch,out_ch,k,batch,height,width,hidden", PIXEL_GEOMETRIES)
+def test_every_variant_gives_the_same_integer_sums(in_ch, out_ch, k, batch, height, width, hidden):
+    """The integer product's 32-bit sums, bit for bit: every variant the CPU runs (AVX-512 with and
+    without VNNI), and the exact sums of the unpacked 16-bit weights times the pixels in int64."""
+    layer = random_layer(in_ch, out_ch, k, k, 0, hidden=hidden, seed=hidden).float().eval()
+    plan = FastDynamicConv(layer)
+    x = eight_bit_images(batch, height, width, in_ch, seed=hidden)
+    weights = plan.weights(True, 1 / 255)
+    packed, _, _ = fast.integer_weights(weights.linear)
+    rows, p = weights.linear.shape[0], layer.patch_size
+    n = batch * (height // k) * (width // k)
+    blocks = -(-n // fast.BLOCK)
+    exact = plan.patches(x, True, torch.float64)[:, :p].long() @ unpacked(packed, rows, p).long().T  # (n, rows)
+    runs = [(v, vnni) for v in RUNNABLE for vnni in ((True, False) if v == "avx512" and fast._fast.VNNI else (False,))]
+    for name, vnni in runs:
+        sums = torch.full((blocks, rows, fast.BLOCK), -1, dtype=torch.int32)
+        fast._fast.pixel_sums(
+            name, x.data_ptr(), batch, height, width, in_ch, k, packed.data_ptr(), rows, out_ch, hidden,
+            sums.data_ptr(), vnni,
+        )  # fmt: skip
+        got = sums.transpose(1, 2).reshape(-1, rows)[:n]
+        assert torch.equal(got.long(), exact), (name, vnni)
