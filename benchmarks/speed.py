@@ -8,8 +8,9 @@ times include its entropy coding. The codec encodes the image's HxWx3 uint8 arra
 input, as a PIL image is Pillow's); "from a PIL image" adds Pillow's export of the pixels
 (`np.asarray(image)`, about 1.3 ms here, paid inside Pillow by its JPEG encoder too).
 
-Rows: the codec with its compiled kernel (`hybrid_codec/fast.py`; on CPUs without AVX-512 it
-is absent), the same with PyTorch only (HYBRID_CODEC_KERNEL=0), the loop reference (the same
+Rows: the codec with its compiled kernel (`hybrid_codec/fast.py`: the variant that serves this
+CPU, printed in the first line; `HYBRID_CODEC_KERNEL=avx2` or `portable` takes a lower one, and
+without a built kernel the row is absent), the same with PyTorch only (HYBRID_CODEC_KERNEL=0), the loop reference (the same
 weights through `tests/loop_reference.py`, one Python loop iteration per output channel) and
 Pillow JPEG at quality 20. The contenders run in interleaved rounds; in each, every job runs
 once to warm up and then once (or, under 20 ms, five times, keeping the median), and each figure
@@ -51,11 +52,15 @@ def pytorch_only(job):
     """The job with the compiled kernel switched off."""
 
     def run():
+        setting = os.environ.get("HYBRID_CODEC_KERNEL")
         os.environ["HYBRID_CODEC_KERNEL"] = "0"
         try:
             return job()
-        finally:
-            del os.environ["HYBRID_CODEC_KERNEL"]
+        finally:  # the caller's setting (a variant it asked for) back
+            if setting is None:
+                del os.environ["HYBRID_CODEC_KERNEL"]
+            else:
+                os.environ["HYBRID_CODEC_KERNEL"] = setting
 
     return run
 
@@ -103,7 +108,7 @@ def main() -> None:
         return buffer.getvalue()
 
     contenders = {  # name: (encode, decode)
-        "hybrid-codec, compiled kernel": (
+        f"hybrid-codec, {fast.kernel_variant()} kernel": (
             lambda: codec.encode(pixels).to_bytes(),
             lambda: codec.decode(Latent.from_bytes(data)),
         ),
@@ -122,7 +127,7 @@ def main() -> None:
         ),
     }
     if not fast.kernel_available():
-        del contenders["hybrid-codec, compiled kernel"]
+        del contenders["hybrid-codec, None kernel"]
     times = {name: ([], []) for name in contenders}
     for _ in range(args.rounds):
         for name, jobs in contenders.items():
@@ -132,7 +137,7 @@ def main() -> None:
                     column.append(statistics.median(timed(job) for _ in range(repeats)))
     median = {name: [statistics.median(c) if c else float("nan") for c in cols] for name, cols in times.items()}
 
-    kernel = "AVX-512 kernel" if fast.kernel_available() else "no compiled kernel (PyTorch only)"
+    kernel = f"kernel variant {fast.kernel_description()}"
     print(
         f"image 768x512, torch {torch.__version__}, {torch.get_num_threads()} threads, model {codec.name}, "
         f"{kernel}, median of {args.rounds} interleaved rounds"

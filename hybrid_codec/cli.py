@@ -193,12 +193,17 @@ def run_each(sources: list[Path], targets: list[Path], job, description: str) ->
 @app.command()
 @reports_errors
 def info(
-    path: Annotated[Path, typer.Argument(help="A latent file (.hyb, .latent.pt) or weights file (.safetensors).")],
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A latent file (.hyb, .latent.pt) or weights file (.safetensors); none: this installation."
+        ),
+    ] = None,
 ) -> None:
-    """Show what a latent file or a weights file holds."""
-    from .info import describe
+    """Show what a latent file or a weights file holds; without one, what runs here (versions, CPU kernel)."""
+    from .info import describe, describe_runtime
 
-    for label, value in describe(path).items():
+    for label, value in (describe(path) if path is not None else describe_runtime()).items():
         stdout.print(f"[bold]{label:>15}[/]  {value}", soft_wrap=True)
 
 

@@ -69,6 +69,18 @@ def kernel_variant() -> str | None:
     return next(v for v in _fast.VARIANTS if v in allowed)  # `portable` runs everywhere
 
 
+def kernel_description() -> str:
+    """Which kernel variant serves and why, in words (for `hybrid-codec info` and the benchmarks)."""
+    if _fast is None:
+        return "none: the kernel was not built (no C compiler at install); PyTorch runs alone"
+    variant = kernel_variant()
+    if variant is None:
+        return "none: HYBRID_CODEC_KERNEL=0; PyTorch runs alone"
+    vnni = " with VNNI" if variant == "avx512" and _fast.VNNI else ""
+    threads = "" if _fast.OPENMP else " (built without OpenMP: used on one thread only)"
+    return f"{variant}{vnni}{threads}; this CPU runs {', '.join(_fast.VARIANTS)}"
+
+
 def kernel_available() -> bool:
     """Whether the kernel was built and HYBRID_CODEC_KERNEL does not switch it off."""
     return kernel_variant() is not None

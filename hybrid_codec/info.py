@@ -1,4 +1,4 @@
-"""`hybrid-codec info`: what a latent file or a weights file holds."""
+"""`hybrid-codec info`: what a latent file or a weights file holds, or what this installation runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,21 @@ from . import bitstream
 from .bitstream import Packed
 from .errors import CodecError
 from .evaluation import bits_per_pixel
+
+
+def describe_runtime() -> dict[str, object]:
+    """What this installation runs on, as label -> value: versions, threads, the CPU kernel's variant."""
+    from importlib.metadata import version
+
+    import torch
+
+    from .fast import kernel_description
+
+    return {
+        "hybrid-codec": version("hybrid-codec"),
+        "torch": f"{torch.__version__}, {torch.get_num_threads()} CPU threads",
+        "CPU kernel": kernel_description(),
+    }
 
 
 def describe(path: Path) -> dict[str, object]:

@@ -176,6 +176,21 @@ def test_info_on_a_latent_file_and_a_weights_file(work):
     assert '"encoder_hidden": 4' in weights_info
 
 
+def test_info_without_a_file_says_which_cpu_kernel_serves(monkeypatch):
+    from hybrid_codec import fast
+
+    text = ok("info").stdout
+    assert "torch" in text and "CPU kernel" in text
+    if fast._fast is not None:
+        assert f"CPU kernel  {fast._fast.VARIANTS[0]}" in text
+        monkeypatch.setenv("HYBRID_CODEC_KERNEL", "portable")
+        assert "CPU kernel  portable" in ok("info").stdout
+    monkeypatch.setenv("HYBRID_CODEC_KERNEL", "0")
+    assert "none: HYBRID_CODEC_KERNEL=0" in ok("info").stdout
+    monkeypatch.setenv("HYBRID_CODEC_KERNEL", "sse9")
+    fails("info", match="HYBRID_CODEC_KERNEL='sse9'")
+
+
 def test_roundtrip_prints_quality_size_and_timings_and_writes_a_comparison(work):
     before = snapshot(work)
     text = ok("roundtrip", work / "a.png", "-m", work / "tiny.safetensors").stdout
