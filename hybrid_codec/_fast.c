@@ -17,9 +17,9 @@
  * `VARIANTS` lists, the CPU's features read once at import):
  *   avx512    x86-64 with AVX-512 F/BW/VL: getexp/getmant/scalef, 16 lanes, VNNI where present;
  *   avx2      x86-64 with AVX2 + FMA: the same arithmetic on 8 lanes, the exponent split and 2^n
- *             done on the float's bits (identical results for every input but subnormal outputs'
- *             last bit... none: the two-step 2^n rounds once, as scalef does);
- *   portable  plain C the compiler vectorizes for its baseline (NEON on ARM64, SSE2 on x86-64).
+ *             done on the float's bits, rounded once as scalef rounds: avx512's results exactly;
+ *   portable  plain C the compiler vectorizes for its baseline (NEON on ARM64, SSE2 on x86-64),
+ *             the same steps within float32's rounding (without FMA some round twice).
  * The encoder's integer product gives the same 32-bit sums in all three (they are exact).
  */
 #define PY_SSIZE_T_CLEAN

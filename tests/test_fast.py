@@ -160,7 +160,9 @@ GEOMETRIES = [
 
 
 @pytest.mark.parametrize("in_ch,out_ch,k,stride,padding,height,width,hidden", GEOMETRIES)
-def test_kernel_matches_the_pytorch_path(monkeypatch, variant, in_ch, out_ch, k, stride, padding, height, width, hidden):
+def test_kernel_matches_the_pytorch_path(
+    monkeypatch, variant, in_ch, out_ch, k, stride, padding, height, width, hidden
+):
     layer = random_layer(in_ch, out_ch, k, stride, padding, hidden=hidden, seed=hidden).float().eval()
     plan = FastDynamicConv(layer)
     x = torch.randn(2, in_ch, height, width, generator=torch.Generator().manual_seed(3))
@@ -419,7 +421,8 @@ def test_pixel_kernel_refuses_sizes_it_cannot_take():
 
     def call(batch, height, width, channels, k, rows, out_stride, out_channels, hidden):
         fast._fast.dynamic_from_pixels(
-            RUNNABLE[0], ptr, batch, height, width, channels, k, ptr, ptr, ptr, rows, ptr, out_stride, out_channels, hidden,
+            RUNNABLE[0], ptr, batch, height, width, channels, k, ptr, ptr, ptr, rows, ptr, out_stride, out_channels,
+            hidden,
             ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1, True,
         )  # fmt: skip
 
@@ -472,3 +475,16 @@ def test_every_variant_gives_the_same_integer_sums(in_ch, out_ch, k, batch, heig
         )  # fmt: skip
         got = sums.transpose(1, 2).reshape(-1, rows)[:n]
         assert torch.equal(got.long(), exact), (name, vnni)
+
+
+@pytest.mark.skipif(not {"avx512", "avx2"} <= set(RUNNABLE), reason="this CPU does not run both avx512 and avx2")
+def test_avx2_gives_the_avx512_results_exactly():
+    """The same arithmetic on 8 lanes: the exponent split and 2^n, done on the floats' bits, round as
+    AVX-512's instructions do, down to subnormal inputs."""
+    x = torch.logspace(-38, 38, 30000, dtype=torch.float64).float()
+    x = torch.cat(
+        [x, -x, torch.tensor(EDGES + [1e-45, 1.2e-38]), torch.randn(5000, generator=torch.Generator().manual_seed(9))]
+    )
+    for power, scale, eps in [(0.25, 1.3, 1e-6), (1.0, -0.5, 1e-6), (4.0, 9.0, 1e-6), (2.7, 1e-3, 1e-42)]:
+        avx512, avx2 = (fast.kernel_activation(x, power, scale, eps, v) for v in ("avx512", "avx2"))
+        assert torch.equal(avx512.view(torch.int32), avx2.view(torch.int32)), (power, scale, eps)
