@@ -11,12 +11,12 @@ input, as a PIL image is Pillow's); "from a PIL image" adds Pillow's export of t
 Rows: the codec with its compiled kernel (`hybrid_codec/fast.py`: the variant that serves this
 CPU, printed in the first line; `HYBRID_CODEC_KERNEL=avx2` or `portable` takes a lower one, and
 without a built kernel the row is absent), the same with PyTorch only (HYBRID_CODEC_KERNEL=0),
-the loop reference (the same weights through `tests/loop_reference.py`, one Python loop iteration per output channel) and
-Pillow JPEG at quality 20. The contenders run in interleaved rounds; in each, every job runs
-once to warm up and then once (or, under 20 ms, five times, keeping the median), and each figure
-is the median over the rounds: this machine's speed drifts by up to a third within minutes, and
-interleaving keeps that drift out of the ratios. `--profile` also prints
-where one decode spends its time, per PyTorch operator (the kernel shows as its caller).
+the loop reference (the same weights through `tests/loop_reference.py`, one Python loop
+iteration per output channel) and Pillow JPEG at quality 20. The contenders run in interleaved
+rounds; in each, every job runs once to warm up and then once (or, under 20 ms, five times,
+keeping the median), and each figure is the median over the rounds: this machine's speed drifts
+by up to a third within minutes, and interleaving keeps that drift out of the ratios. `--profile`
+also prints where one decode spends its time, per PyTorch operator (the kernel shows as its caller).
 """
 
 from __future__ import annotations
