@@ -55,22 +55,40 @@ class QualityLevels(nn.Module):
 
 
 class RateProxy(nn.Module):
-    """Trainable steps and a differentiable bit count for the rate term of the training loss."""
+    """Trainable steps and a differentiable bit count for the rate term of the training loss.
+
+    Its parameters are stored divided by `GAIN`: they share the optimiser of a fine-tune whose
+    learning rate suits weights, and have to travel much further (a log-scale from 0 to about 2)."""
+
+    GAIN = 100.0
 
     def __init__(self, steps: torch.Tensor, offset: torch.Tensor) -> None:
         super().__init__()
-        self.log_steps = nn.Parameter(steps.log().clone())
+        self.scaled_log_steps = nn.Parameter(steps.log().clone() / self.GAIN)
         self.register_buffer("offset", offset.clone())
         levels, channels = steps.shape
-        self.log_scales = nn.Parameter(torch.zeros(levels, channels, entropy.CONTEXTS))
+        self.scaled_log_scales = nn.Parameter(torch.zeros(levels, channels, entropy.CONTEXTS))
 
-    def forward(self, latent: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents (B, C, h, w) and 0-based levels (B,) -> (what the decoder sees, bits per image (B,))."""
+    @property
+    def log_steps(self) -> torch.Tensor:
+        return self.scaled_log_steps * self.GAIN
+
+    @property
+    def log_scales(self) -> torch.Tensor:
+        return self.scaled_log_scales * self.GAIN
+
+    def forward(
+        self, latent: torch.Tensor, level: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (B, C, h, w) and 0-based levels (B,) -> (what the decoder sees, bits per image (B,)).
+
+        The rate's uniform noise comes from `generator`: a resumed run draws what an uninterrupted one would."""
         batch, channels, height, width = latent.shape
         step = self.log_steps[level].exp()[..., None, None]  # (B, C, 1, 1)
         scaled = (latent - self.offset[:, None, None]) / step
         rounded = scaled + (scaled.round() - scaled).detach()
-        noisy = (scaled + torch.rand_like(scaled) - 0.5).flatten(2)  # (B, C, h * w)
+        noise = torch.rand(scaled.shape, generator=generator, device=generator.device if generator else None)
+        noisy = (scaled + noise.to(scaled) - 0.5).flatten(2)  # (B, C, h * w)
         bits = noisy.new_zeros(batch)
         for phase in entropy.phases(height, width):
             neighbours = noisy[:, :, torch.from_numpy(phase.neighbours).to(latent.device)]  # (B, C, 4, n)

@@ -16,7 +16,7 @@ from torch import nn
 from .config import CodecConfig
 from .errors import CodecError
 from .layers import DynamicConv
-from .levels import QualityLevels
+from .levels import QualityLevels, RateProxy
 from .paths import write_atomic
 from .quantize import fake_quantize
 
@@ -64,10 +64,20 @@ class Autoencoder(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.levels = QualityLevels(config.quality_levels, config.latent_channels) if config.quality_levels else None
+        self.rate: RateProxy | None = None  # attached by the rate-distortion recipe while it trains
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """The codec's round trip through 8-bit latents; unclamped while training."""
-        return self.decoder(fake_quantize(self.encoder(image)), clamp=not self.training)
+    def forward(
+        self, image: torch.Tensor, levels: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ):
+        """The codec's round trip through 8-bit latents; unclamped while training.
+
+        With `levels` (B,) 0-based, through those quality levels instead: (decoded, estimated bits (B,))
+        from the attached `rate` (`levels.RateProxy`)."""
+        latent = self.encoder(image)
+        if levels is None:
+            return self.decoder(fake_quantize(latent), clamp=not self.training)
+        seen, bits = self.rate(latent, levels, generator)
+        return self.decoder(seen, clamp=not self.training), bits
 
     def weights_hash(self) -> str:
         """A short hash of the config and every tensor: latent files name the weights with it."""

@@ -87,7 +87,13 @@ class TrainOptions(LoopOptions):
     loss: str = option("mse", "mse, psnr (mean per-crop PSNR), ms-ssim or mix.", reproducible=True)
     min_scale: float = option(0.25, "Crops are shown at random scales from min_scale to 1.", reproducible=True)
     val_limit: int = option(0, "Validate on the first N images (0: all).")
-    init_from: Path | None = option(None, "Weights to fine-tune from.")
+    init_from: Path | None = option(None, "Weights to fine-tune from (a shipped name or a file).")
+    lambdas: str = option(
+        "",
+        "Train quality levels with a rate term: per level, the weight of MSE against bits, comma-separated, "
+        "smallest file first (e.g. 20,40,80,160,320,700,1600; see docs/training.md).",
+        reproducible=True,
+    )
 
 
 @dataclass

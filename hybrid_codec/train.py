@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from .codec import Codec
 from .data import RandomCrops, usable_images
 from .errors import CodecError
-from .images import image_to_tensor, open_image
+from .images import image_to_pixels, image_to_tensor, open_image
+from .levels import RateProxy, export_levels
 from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
 from .options import TrainOptions
 from .training import FitResult, Recipe, Reporter, fit
+from .zoo import resolve_weights
 
 LOSSES = ("mse", "psnr", "ms-ssim", "mix")
 
@@ -97,10 +99,12 @@ class Photos(Recipe):
     def model(self, config: CodecConfig) -> Autoencoder:
         model = Autoencoder(config)
         if self.opts.init_from:
-            source = Autoencoder.from_pretrained(self.opts.init_from)
-            if source.config != dataclasses.replace(config, name=source.config.name):
+            source = Autoencoder.from_pretrained(resolve_weights(self.opts.init_from))
+            same = dataclasses.replace(config, name=source.config.name, quality_levels=source.config.quality_levels)
+            if source.config != same:
                 raise CodecError(f"{self.opts.init_from}: its config {source.config} differs from this run's {config}")
-            model.load_state_dict(source.state_dict())
+            weights = {k: v for k, v in source.state_dict().items() if not k.startswith("levels.")}
+            model.load_state_dict(weights, strict=False)  # the levels are this run's own
         return model
 
     def loss(self, net: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -114,7 +118,97 @@ class Photos(Recipe):
         return {"val_psnr": validate(model, self.val_paths, self.device)} if self.val_paths else {}
 
 
+def parse_lambdas(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CodecError(f"--lambdas must be comma-separated numbers, not {text!r}") from None
+    if not all(v > 0 and math.isfinite(v) for v in values) or values != sorted(values) or len(values) > 255:
+        raise CodecError(f"--lambdas must be positive and increasing (smallest file first), at most 255: {text!r}")
+    return values
+
+
+class RateDistortion(Photos):
+    """Quality levels: fine-tune encoder and decoder with `lambda[level] * MSE + bits per pixel` per crop.
+
+    Each step shows every level (crop i of step s at level (i + s) mod levels), so one decoder learns
+    them all; the steps and the rate model (`levels.RateProxy`) train with the weights. Each crop's
+    loss is divided by sqrt(lambda), so neither the coarsest nor the finest level drowns the others.
+    --out gets the learned steps and integer tables counted from the training images' real codes.
+    There is no validation: which weights are best depends on the level.
+    """
+
+    checkpoint_format = "hybrid-codec-levels-checkpoint"
+    best_by = None
+
+    def __init__(self, opts: TrainOptions) -> None:
+        super().__init__(opts)
+        self.lambdas = torch.tensor(parse_lambdas(opts.lambdas))
+
+    def check(self) -> None:
+        super().check()
+        if self.opts.model.quality_levels != len(self.lambdas):
+            raise CodecError(
+                f"--lambdas gives {len(self.lambdas)} levels; the model has {self.opts.model.quality_levels}"
+            )
+
+    def setup(self, device: torch.device, log: Callable[[str], None]) -> RandomCrops:
+        crops = super().setup(device, log)
+        self.paths, self.lambdas = crops.paths, self.lambdas.to(device)
+        return crops
+
+    def latents(self, model: Autoencoder, limit: int | None = None) -> list[torch.Tensor]:
+        """The training images' whole latents (C, h, w), through the encoder as it is."""
+        codec = Codec(model, device=self.device)
+        return [codec.encode_tensor(image_to_pixels(open_image(p)))[0].cpu() for p in self.paths[:limit]]
+
+    def model(self, config: CodecConfig) -> Autoencoder:
+        model = super().model(config)
+        source = Autoencoder.from_pretrained(resolve_weights(self.opts.init_from)) if self.opts.init_from else None
+        if source is not None and source.levels is not None and source.levels.count == len(self.lambdas):
+            steps, offset = source.levels.steps, source.levels.offset
+        else:  # a ladder of steps from 0.09 down to 0.007 of the latents' spread, each channel by its own spread
+            flat = torch.cat([z.flatten(1) for z in self.latents(model, limit=16)], 1)
+            offset, spread = flat.mean(1), flat.std(1)
+            ladder = torch.logspace(math.log10(0.09), math.log10(0.007), len(self.lambdas))
+            steps = ladder[:, None] * (spread / spread.mean())[None]
+        model.rate = RateProxy(steps, offset)
+        model.train()
+        return model
+
+    def loss(self, net: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch.to(self.device, non_blocking=True)
+        levels = (torch.arange(len(images), device=self.device) + step) % len(self.lambdas)
+        noise = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + step)  # a function of (seed, step)
+        with self.amp:
+            decoded, bits = net(images, levels, noise)
+        error = (decoded.float() - images).pow(2).flatten(1).mean(1)
+        bpp = bits / (images.shape[-1] * images.shape[-2])
+        weight = self.lambdas[levels]
+        loss = ((weight * error + bpp) / weight.sqrt()).mean()
+        return loss, {"loss": loss.item(), "psnr": psnr(images, decoded.detach().float()), "bpp": bpp.mean().item()}
+
+    def validate(self, model: Autoencoder) -> dict[str, float]:
+        return {}
+
+    def final(self, model: Autoencoder, config: CodecConfig) -> Autoencoder:
+        final = Autoencoder(config)
+        final.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("rate.")})
+        final.eval()
+        final.levels.offset.copy_(model.rate.offset)
+        export_levels(final.levels, model.rate.steps().cpu(), self.latents(final))
+        return final
+
+
 def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> TrainResult:
-    """Train encoder and decoder together; writes --out (the best or final EMA weights)."""
-    result = fit(Photos(opts), opts, report, log)
+    """Train encoder and decoder together; writes --out (the best or final EMA weights).
+
+    With --lambdas, the rate-distortion recipe: quality levels fine-tuned from --init-from."""
+    if opts.lambdas:
+        opts = dataclasses.replace(
+            opts, model=dataclasses.replace(opts.model, quality_levels=len(parse_lambdas(opts.lambdas)))
+        )
+        result = fit(RateDistortion(opts), opts, report, log)
+    else:
+        result = fit(Photos(opts), opts, report, log)
     return TrainResult(**vars(result))

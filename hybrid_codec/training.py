@@ -205,6 +205,12 @@ class Recipe:
         """Validation metrics (keys starting with "val") of these weights; {}: no validation."""
         return {}
 
+    def final(self, model: Autoencoder, config: CodecConfig) -> Autoencoder:
+        """The weights --out gets from the trained (EMA) model."""
+        final = Autoencoder(config)
+        final.load_state_dict(model.state_dict())
+        return final
+
     def state(self) -> dict:
         """What else the checkpoint keeps for this recipe."""
         return {}
@@ -319,9 +325,7 @@ def fit(
     )
 
     def export() -> None:
-        final = Autoencoder(opts.model)
-        final.load_state_dict(run.current().state_dict())
-        final.save_pretrained(opts.out)
+        recipe.final(run.current(), opts.model).save_pretrained(opts.out)
 
     def checkpoint(step: int) -> None:
         state = run.state(recipe.checkpoint_format, opts, step, elapsed + time.monotonic() - began)
