@@ -1,6 +1,6 @@
 """Encode/decode speed of the codec vs. the per-channel loop reference and Pillow JPEG, in one run.
 
-    python benchmarks/speed.py [--image samples/astronaut.png] [--model native] [--rounds 9] [--profile]
+    python benchmarks/speed.py [--image samples/astronaut.png] [--model photo] [--rounds 9] [--profile]
 
 The image is resized to 768x512. "encode" is image -> latent file bytes and "decode" is latent
 file bytes -> PIL image: both include quantization, compression and the container, as JPEG's
@@ -8,11 +8,14 @@ times include its entropy coding. The codec encodes the image's HxWx3 uint8 arra
 input, as a PIL image is Pillow's); "from a PIL image" adds Pillow's export of the pixels
 (`np.asarray(image)`, about 1.3 ms here, paid inside Pillow by its JPEG encoder too).
 
-Rows: the codec with its compiled kernel (`hybrid_codec/fast.py`: the variant that serves this
-CPU, printed in the first line; `HYBRID_CODEC_KERNEL=avx2` or `portable` takes a lower one, and
-without a built kernel the row is absent), the same with PyTorch only (HYBRID_CODEC_KERNEL=0),
-the loop reference (the same weights through `tests/loop_reference.py`, one Python loop
-iteration per output channel) and Pillow JPEG at quality 20. The contenders run in interleaved
+Rows: the model (default `photo`) at its highest quality level, through the compact file with
+its entropy coding, with the compiled kernel where one serves (`hybrid_codec/fast.py`: the
+variant is printed in the first line; `HYBRID_CODEC_KERNEL=avx2` or `portable` takes a lower
+one); the 8-bit `.pt` files of before quality levels (the `native` weights, the same
+architecture: the baseline the levels must stay within 10% of); the level with PyTorch only
+(HYBRID_CODEC_KERNEL=0); the loop reference (the `native` weights through
+`tests/loop_reference.py`, one Python loop iteration per output channel) and Pillow JPEG at
+quality 20. The contenders run in interleaved
 rounds; in each, every job runs once to warm up and then once (or, under 20 ms, five times,
 keeping the median), and each figure is the median over the rounds: this machine's speed drifts
 by up to a third within minutes, and interleaving keeps that drift out of the ratios. `--profile`
@@ -95,9 +98,12 @@ def main() -> None:
 
     image = Image.open(args.image).convert("RGB").resize((768, 512), Image.BICUBIC)
     pixels = np.asarray(image).copy()
-    codec = load_codec(args.model, device="cpu")
-    reference = loop_reference(codec)
-    data = codec.encode(pixels).to_bytes()
+    codec = load_codec(args.model, device="cpu")  # the default `photo`: quality levels, compact files
+    top = codec.quality_levels or None
+    legacy = load_codec("native", device="cpu")  # the 8-bit .pt files of before quality levels, same architecture
+    reference = loop_reference(legacy)
+    data = codec.compress(pixels, top)
+    legacy_data = legacy.encode(pixels).to_bytes()
     jpeg = io.BytesIO()
     image.save(jpeg, format="JPEG", quality=20)
     jpeg_data = jpeg.getvalue()
@@ -107,27 +113,31 @@ def main() -> None:
         image.save(buffer, format="JPEG", quality=20)
         return buffer.getvalue()
 
+    bpp = 8 / (768 * 512)
+    level = f"level {top}" if top else "8-bit"
     contenders = {  # name: (encode, decode)
-        f"hybrid-codec, {fast.kernel_variant()} kernel": (
-            lambda: codec.encode(pixels).to_bytes(),
-            lambda: codec.decode(Latent.from_bytes(data)),
+        f"{codec.name} {level} ({len(data) * bpp:.2f} bpp)": (
+            lambda: codec.compress(pixels, top),
+            lambda: codec.decompress(data),
         ),
-        "hybrid-codec, PyTorch only": (
-            pytorch_only(lambda: codec.encode(pixels).to_bytes()),
-            pytorch_only(lambda: codec.decode(Latent.from_bytes(data))),
+        f"native 8-bit .pt ({len(legacy_data) * bpp:.2f} bpp)": (
+            lambda: legacy.encode(pixels).to_bytes(),
+            lambda: legacy.decode(Latent.from_bytes(legacy_data)),
         ),
-        "hybrid-codec, from a PIL image": (lambda: codec.encode(image).to_bytes(), None),
+        f"{codec.name} {level}, PyTorch only": (
+            pytorch_only(lambda: codec.compress(pixels, top)),
+            pytorch_only(lambda: codec.decompress(data)),
+        ),
+        f"{codec.name} {level}, from a PIL image": (lambda: codec.compress(image, top), None),
         "loop reference": (  # float input: the loop knows nothing of 8-bit images
             lambda: reference.encode(torch.from_numpy(pixels).permute(2, 0, 1) / 255.0).to_bytes(),
-            lambda: reference.decode(Latent.from_bytes(data)),
+            lambda: reference.decode(Latent.from_bytes(legacy_data)),
         ),
-        f"Pillow JPEG q20 ({len(jpeg_data) * 8 / (768 * 512):.2f} bpp)": (
+        f"Pillow JPEG q20 ({len(jpeg_data) * bpp:.2f} bpp)": (
             jpeg_encode,
             lambda: Image.open(io.BytesIO(jpeg_data)).load(),
         ),
     }
-    if not fast.kernel_available():
-        del contenders["hybrid-codec, None kernel"]
     times = {name: ([], []) for name in contenders}
     for _ in range(args.rounds):
         for name, jobs in contenders.items():
@@ -142,16 +152,20 @@ def main() -> None:
         f"image 768x512, torch {torch.__version__}, {torch.get_num_threads()} threads, model {codec.name}, "
         f"{kernel}, median of {args.rounds} interleaved rounds"
     )
-    print(f"{'':34} {'encode ms':>10} {'decode ms':>10}")
+    print(f"{'':40} {'encode ms':>10} {'decode ms':>10}")
     for name, (enc, dec) in median.items():
-        print(f"{name:34} {enc:10.1f} {dec:10.1f}")
-    best = next(iter(median.values()))
+        print(f"{name:40} {enc:10.1f} {dec:10.1f}")
+    best, old = list(median.values())[:2]
+    print(
+        f"{level} against the 8-bit .pt files: encode {best[0] / old[0]:.2f}x, "
+        f"decode {best[1] / old[1]:.2f}x (target <= 1.10x)"
+    )
     loop = median["loop reference"]
     jpeg_name = next(name for name in median if name.startswith("Pillow"))
     print(f"decode speed-up over the loop reference: {loop[1] / best[1]:.1f}x (target >= 7x)")
     print(f"encode time / JPEG encode time: {best[0] / median[jpeg_name][0]:.2f}x (target <= 3x)")
     if args.profile:
-        print_decode_profile(codec, data)
+        print_decode_profile(legacy, legacy_data)
 
 
 if __name__ == "__main__":
