@@ -108,36 +108,22 @@ class Latent:
         return dequantize(self.codes[None], self.low[None], self.step[None])
 
     def to_dict(self) -> dict:
-        if self.level is not None:
-            return {
-                "format": FORMAT,
-                "version": LEVEL_VERSION,
-                "model": self.model,
-                "weights": self.weights,
-                "latent_space": self.latent_space,
-                "height": self.height,
-                "width": self.width,
-                "shape": list(self.codes.shape),
-                "level": self.level,
-                "low": self.low.double().tolist(),
-                "step": self.step.double().tolist(),
-                "codes": self.codes.to(torch.int16).contiguous(),
-            }
-        return {
+        common = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if self.level is None else LEVEL_VERSION,
             "model": self.model,
             "weights": self.weights,
             "latent_space": self.latent_space,
             "height": self.height,
             "width": self.width,
             "shape": list(self.codes.shape),
-            "bits": 8,
             "low": self.low.double().tolist(),
             "step": self.step.double().tolist(),
-            "coding": CODINGS[0],
-            "payload": torch.from_numpy(np.frombuffer(_encode_codes(self.codes.cpu().numpy()), np.uint8).copy()),
         }
+        if self.level is not None:
+            return {**common, "level": self.level, "codes": self.codes.to(torch.int16).contiguous()}
+        payload = np.frombuffer(_encode_codes(self.codes.cpu().numpy()), np.uint8).copy()
+        return {**common, "bits": 8, "coding": CODINGS[0], "payload": torch.from_numpy(payload)}
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
