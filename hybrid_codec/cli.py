@@ -45,7 +45,7 @@ ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite exis
 QualityOption = Annotated[
     int | None,
     typer.Option(
-        "--quality", "-q", help="Quality level, 1 (smallest file) to the model's highest. [default: 4]", min=1
+        "--quality", "-q", help="Quality level, 1 (smallest file) to the model's highest. [default: 6]", min=1
     ),
 ]
 OutOption = Annotated[Path | None, typer.Option("--output", "-o", help="Output file (one input) or folder.")]

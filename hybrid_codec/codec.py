@@ -25,7 +25,7 @@ from .quantize import dequantize, quantize
 from .runtime import check_device
 from .zoo import DEFAULT_MODEL, SHIPPED, resolve_weights
 
-DEFAULT_QUALITY = 4  # see the README's table: the first level within 0.1 dB of the best
+DEFAULT_QUALITY = 6  # the knee of the curve: see the README
 
 
 class Codec:
