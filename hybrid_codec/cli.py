@@ -44,9 +44,7 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.
 ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
 QualityOption = Annotated[
     int | None,
-    typer.Option(
-        "--quality", "-q", help="Quality level, 1 (smallest file) to the model's highest. [default: 6]", min=1
-    ),
+    typer.Option("--quality", "-q", help="Quality level, 1 (smallest file) to the model's highest. [default: 6]"),
 ]
 OutOption = Annotated[Path | None, typer.Option("--output", "-o", help="Output file (one input) or folder.")]
 

@@ -414,3 +414,69 @@ def test_console_script_exit_codes_and_one_line_errors(work):
         assert len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
         assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr + done.stdout
     assert snapshot(work) == before
+
+
+def test_quality_levels_on_the_command_line(tmp_path):
+    image = save_png(tmp_path / "a.png", 64, 80)
+    ok("encode", image, "-q", 1, "-o", tmp_path / "small.hyb")
+    ok("encode", image, "--quality", 9, "-o", tmp_path / "large.hyb")
+    assert 0 < (tmp_path / "small.hyb").stat().st_size < (tmp_path / "large.hyb").stat().st_size
+    default = ok("encode", image).stdout
+    assert (tmp_path / "a.hyb").exists() and f"quality {load_codec().check_quality(None)}" in default
+    assert re.search(r"quality level\s+1\b", ok("info", tmp_path / "small.hyb").stdout)
+    ok("decode", tmp_path / "small.hyb", "-o", tmp_path / "small.png")
+    assert Image.open(tmp_path / "small.png").size == (80, 64)
+    ok("encode", image, "-q", 3, "-o", tmp_path / "a.latent.pt")
+    assert torch.load(tmp_path / "a.latent.pt", weights_only=True)["level"] == 3
+    ok("decode", tmp_path / "a.latent.pt", "-o", tmp_path / "pt.png")
+    assert "quality 3" in ok("roundtrip", image, "-q", 3).stdout
+    fails("encode", image, "-q", 10, "-o", tmp_path / "x.hyb", match="quality must be an integer from 1 to 9")
+    fails("encode", image, "-q", 0, "-o", tmp_path / "x.hyb", match="0")
+    fails("encode", image, "-q", 2, "--model", "native", "-o", tmp_path / "x.latent.pt", match="no quality levels")
+    assert not (tmp_path / "x.hyb").exists() and not (tmp_path / "x.latent.pt").exists()
+
+
+def test_a_folder_of_both_kinds_of_latent_files_decodes(tmp_path):
+    save_png(tmp_path / "in" / "a.png")
+    save_png(tmp_path / "in" / "b.png", seed=1)
+    ok("encode", tmp_path / "in" / "a.png", "-o", tmp_path / "lat" / "a.hyb")
+    ok("encode", tmp_path / "in" / "b.png", "--model", "native", "-o", tmp_path / "lat" / "b.latent.pt")
+    ok("decode", tmp_path / "lat", "-o", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.decoded.png", "b.decoded.png"]
+
+
+def test_eval_prints_the_table_and_writes_json_and_plot(tmp_path):
+    import json
+
+    for i in range(3):
+        save_png(tmp_path / "images" / f"{i}.png", 96, 128, seed=i)
+    result = ok(
+        "eval",
+        tmp_path / "images",
+        "--classic",
+        "JPEG,WebP",
+        "--json",
+        tmp_path / "rd.json",
+        "--plot",
+        tmp_path / "rd.png",
+    )
+    assert "level 1" in result.stdout and "level 9" in result.stdout and "WebP" in result.stdout
+    assert "photo vs JPEG: BD-rate" in result.stdout
+    body = json.loads((tmp_path / "rd.json").read_text())
+    assert len(body["points"]) == 3 * (9 + 8 + 6)
+    assert {p["codec"] for p in body["points"]} == {"photo", "JPEG", "WebP"}
+    assert all(p["bpp"] > 0 and 5 < p["psnr"] < 60 for p in body["points"])
+    deltas = {d["anchor"]: d for d in body["deltas"]}
+    assert set(deltas) == {"JPEG", "WebP"}
+    # these smooth images: WebP shares the model's rates (a finite BD-PSNR), not its PSNRs; JPEG shares neither
+    assert np.isfinite(deltas["WebP"]["bd_psnr"]) and np.isfinite(deltas["WebP"]["bd_ms_ssim"])
+    assert "n/a (no common range)" in result.stdout
+    assert (tmp_path / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fails("eval", tmp_path / "images", "--classic", "GIF", match="unknown classic codec 'GIF'")
+    fails("eval", tmp_path / "images", "--json", tmp_path / "rd.json", match="exists")
+
+
+def test_eval_of_a_model_without_levels_has_one_point(tmp_path):
+    save_png(tmp_path / "images" / "a.png", 48, 64)
+    result = ok("eval", tmp_path / "images", "--model", "native", "--classic", "JPEG")
+    assert "8-bit" in result.stdout and "n/a" in result.stdout
