@@ -54,6 +54,24 @@
 #define L5 -0.2506524324417114f
 #define L6 0.20412781834602356f
 #define L7 -0.09616420418024063f
+/* Horner on each of `chains` vectors x[i], in one instruction set's fmadd and set1: q = c5 x^5 + ... + c0
+   (HORNER6, six coefficients) or c7 x^7 + ... + c0 (HORNER8) */
+#define HORNER_STEP(chains, fmadd, set1, x, c) \
+    for (int i = 0; i < (chains); i++) q[i] = fmadd(q[i], x[i], set1(c))
+#define HORNER6(chains, fmadd, set1, x, c5, c4, c3, c2, c1, c0)                  \
+    do {                                                                          \
+        for (int i = 0; i < (chains); i++) q[i] = fmadd(set1(c5), x[i], set1(c4)); \
+        HORNER_STEP(chains, fmadd, set1, x, c3);                                  \
+        HORNER_STEP(chains, fmadd, set1, x, c2);                                  \
+        HORNER_STEP(chains, fmadd, set1, x, c1);                                  \
+        HORNER_STEP(chains, fmadd, set1, x, c0);                                  \
+    } while (0)
+#define HORNER8(chains, fmadd, set1, x, c7, c6, c5, c4, c3, c2, c1, c0) \
+    do {                                                                  \
+        HORNER6(chains, fmadd, set1, x, c7, c6, c5, c4, c3, c2);          \
+        HORNER_STEP(chains, fmadd, set1, x, c1);                          \
+        HORNER_STEP(chains, fmadd, set1, x, c0);                          \
+    } while (0)
 #define X0 1.0000001192092896f
 #define X1 0.6931471824645996f
 #define X2 0.2402210682630539f
@@ -185,23 +203,13 @@ AVX512 static inline void activation_avx512(const float *x, float *y, float powe
         e[i] = _mm512_sub_ps(_mm512_getexp_ps(a), _mm512_getexp_ps(m[i]));
         t[i] = _mm512_sub_ps(m[i], _mm512_set1_ps(1.0f));
     }
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(_mm512_set1_ps(L7), t[i], _mm512_set1_ps(L6));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], t[i], _mm512_set1_ps(L5));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], t[i], _mm512_set1_ps(L4));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], t[i], _mm512_set1_ps(L3));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], t[i], _mm512_set1_ps(L2));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], t[i], _mm512_set1_ps(L1));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], t[i], _mm512_set1_ps(L0));
+    HORNER8(LANES, _mm512_fmadd_ps, _mm512_set1_ps, t, L7, L6, L5, L4, L3, L2, L1, L0);
     for (int i = 0; i < LANES; i++) { /* power * log2(a) + log2 |scale| = n + f, f in [-0.5, 0.5] */
         frac[i] = _mm512_fmadd_ps(p, _mm512_mul_ps(q[i], t[i]), s);
         n[i] = _mm512_roundscale_ps(_mm512_fmadd_ps(p, e[i], frac[i]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         f[i] = _mm512_add_ps(_mm512_fmsub_ps(p, e[i], n[i]), frac[i]); /* power * e - n, rounded once */
     }
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(_mm512_set1_ps(X5), f[i], _mm512_set1_ps(X4));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], f[i], _mm512_set1_ps(X3));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], f[i], _mm512_set1_ps(X2));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], f[i], _mm512_set1_ps(X1));
-    for (int i = 0; i < LANES; i++) q[i] = _mm512_fmadd_ps(q[i], f[i], _mm512_set1_ps(X0));
+    HORNER6(LANES, _mm512_fmadd_ps, _mm512_set1_ps, f, X5, X4, X3, X2, X1, X0);
     for (int i = 0; i < LANES; i++) {
         /* min: inf -> max float, and the NaN that x = inf makes (inf - inf) -> max float too */
         __m512 r = _mm512_min_ps(_mm512_scalef_ps(q[i], n[i]), _mm512_set1_ps(MAX_FLOAT));
@@ -317,23 +325,13 @@ AVX2 static inline void activation_avx2_part(const float *x, float *y, __m256 p,
         e[i] = _mm256_blendv_ps(e[i], a, _mm256_cmp_ps(a, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
         t[i] = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
     }
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(_mm256_set1_ps(L7), t[i], _mm256_set1_ps(L6));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L5));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L4));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L3));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L2));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L1));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], t[i], _mm256_set1_ps(L0));
+    HORNER8(AVX2_CHAINS, _mm256_fmadd_ps, _mm256_set1_ps, t, L7, L6, L5, L4, L3, L2, L1, L0);
     for (int i = 0; i < AVX2_CHAINS; i++) {
         const __m256 frac = _mm256_fmadd_ps(p, _mm256_mul_ps(q[i], t[i]), s);
         n[i] = _mm256_round_ps(_mm256_fmadd_ps(p, e[i], frac), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         f[i] = _mm256_add_ps(_mm256_fmsub_ps(p, e[i], n[i]), frac);
     }
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(_mm256_set1_ps(X5), f[i], _mm256_set1_ps(X4));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], f[i], _mm256_set1_ps(X3));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], f[i], _mm256_set1_ps(X2));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], f[i], _mm256_set1_ps(X1));
-    for (int i = 0; i < AVX2_CHAINS; i++) q[i] = _mm256_fmadd_ps(q[i], f[i], _mm256_set1_ps(X0));
+    HORNER6(AVX2_CHAINS, _mm256_fmadd_ps, _mm256_set1_ps, f, X5, X4, X3, X2, X1, X0);
     for (int i = 0; i < AVX2_CHAINS; i++) {
         /* n = inf (a = inf) clamps to N_HIGH; q is NaN there, and min takes NaN to max float too */
         const __m256 clamped = _mm256_min_ps(_mm256_max_ps(n[i], _mm256_set1_ps(N_LOW)), _mm256_set1_ps(N_HIGH));
@@ -671,6 +669,16 @@ static int pixel_sizes_fit(const char *what, long long batch, long long height, 
     return 1;
 }
 
+/* `pixel_mix` without the GIL; a failed allocation is Python's MemoryError. */
+static PyObject *run_pixel_mix(const PixelMix *e, const Variant *v) {
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = pixel_mix(e, v);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* Python entry point for `pixel_mix`; checks the sizes it relies on, as `py_mix` does. `use_vnni`
    0 takes the plain AVX-512 multiply-add even on a VNNI CPU (the tests compare the two). */
 static PyObject *py_pixel_mix(PyObject *self, PyObject *args) {
@@ -698,12 +706,7 @@ static PyObject *py_pixel_mix(PyObject *self, PyObject *args) {
                          (const float *)log2_scale1, (const float *)w2, (const float *)b2, (const float *)power2,
                          (const float *)log2_scale2, eps1, eps2, inv_patch, threads},
                         NULL};
-    int failed;
-    Py_BEGIN_ALLOW_THREADS
-    failed = pixel_mix(&e, v);
-    Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return run_pixel_mix(&e, v);
 }
 
 /* The integer product of `pixel_mix` alone: its 32-bit sums, (blocks, rows, BLOCK), for the
@@ -727,12 +730,7 @@ static PyObject *py_pixel_sums(PyObject *self, PyObject *args) {
                         NULL, NULL, rows, k * k * channels / 2, vnni && use_vnni && v->multiply_vnni != NULL,
                         {NULL, NULL, 0, out_channels, hidden, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, 1},
                         (int32_t *)out};
-    int failed;
-    Py_BEGIN_ALLOW_THREADS
-    failed = pixel_mix(&e, v);
-    Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return run_pixel_mix(&e, v);
 }
 
 /* The activation alone, over n values (a multiple of BLOCK): what the tests check edge cases on. */
