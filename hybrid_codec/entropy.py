@@ -187,6 +187,12 @@ class EntropyCoder:
             raise EntropyError(f"{channels} channels asked for; the tables are for {self.channels}")
         if len(data) % 4:
             raise EntropyError("the payload is not a whole number of 32-bit words")
+        try:
+            return self._decode(data, channels, height, width)
+        except (AssertionError, ValueError, RuntimeError, OverflowError) as exc:  # constriction asserts on bad data
+            raise EntropyError(f"the payload does not decode ({exc})") from None
+
+    def _decode(self, data: bytes, channels: int, height: int, width: int) -> np.ndarray:
         decoder = self._stream.queue.RangeDecoder(np.frombuffer(data, dtype=np.uint32).copy())
         plane = np.zeros((channels, height * width), dtype=np.int16)
         plane[:, 0] = decoder.decode(self._uniform, channels) - CODE_LIMIT
@@ -206,7 +212,7 @@ class EntropyCoder:
             coded = np.empty_like(values)
             coded[order] = values
             plane[:, phase.targets] = coded.reshape(channels, -1)
-        return plane.reshape(shape).astype(np.int32)
+        return plane.reshape(channels, height, width).astype(np.int32)
 
 
 def fit_tables(residual_counts: np.ndarray) -> np.ndarray:

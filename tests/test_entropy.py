@@ -209,3 +209,27 @@ def test_the_decoded_image_is_cropped_to_the_original_size(photo):
     image = Image.fromarray(smooth_image(9, 17))
     buffer = io.BytesIO(photo.compress(image))
     assert photo.decompress(buffer.getvalue()).size == (17, 9)
+
+
+def test_a_forged_payload_with_a_valid_checksum_decodes_or_is_refused_never_crashes(photo):
+    import struct
+    import zlib
+
+    from hybrid_codec.bitstream import HEADER
+
+    data = photo.compress(smooth_image(40, 50), quality=5)
+    header, payload = data[: HEADER.size], data[HEADER_BYTES:]
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        if trial % 2:
+            forged = bytearray(payload)
+            for _ in range(rng.integers(1, 5)):
+                forged[rng.integers(len(forged))] ^= int(rng.integers(1, 256))
+        else:
+            forged = rng.integers(0, 256, 4 * int(rng.integers(0, 300)), dtype=np.uint8).tobytes()
+        forged = bytes(forged)
+        file = header + struct.pack("<I", zlib.crc32(forged, zlib.crc32(header))) + forged
+        try:
+            assert photo.decode(file).size == (50, 40)
+        except CodecError:
+            pass
