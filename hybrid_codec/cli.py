@@ -13,9 +13,38 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .options import DistillOptions, TrainOptions, option_info
+from .options import MODEL_FIELD_HELP, DistillOptions, TrainOptions, model_name_for, option_info
 
-app = typer.Typer(
+
+class PlainUsage(typer.core.TyperCommand):
+    """Usage lines as click writes them (`INPUTS...`, `[PATH]`), not typer's `{inputs}...`, which users
+    took for something to type."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 and not param.metavar else "")
+                pieces.append(name if param.required else f"[{name}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # a flag, not `--help <bool>`
+        return option
+
+
+class CommandsApp(typer.Typer):
+    """Every command gets the plain usage line."""
+
+    def command(self, *args, **kwargs):
+        return super().command(*args, cls=PlainUsage, **kwargs)
+
+
+app = CommandsApp(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -25,7 +54,10 @@ stdout = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 ModelOption = Annotated[
-    str | None, typer.Option("--model", "-m", help="Shipped model name (native, sd) or a weights file.")
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Shipped model name (photo, native, sd) or a weights file.", show_default="photo"
+    ),
 ]
 
 
@@ -41,16 +73,39 @@ def _device_name(value: str) -> str:
 
 
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_device_name)]
-ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
+ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.", metavar="")]
 QualityOption = Annotated[
     int | None,
-    typer.Option("--quality", "-q", help="Quality level, 1 (smallest file) to the model's highest. [default: 6]"),
+    typer.Option("--quality", "-q", help="Quality level, 1 (smallest file) to the model's highest.", show_default="6"),
 ]
 OutOption = Annotated[Path | None, typer.Option("--output", "-o", help="Output file (one input) or folder.")]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from .info import describe_runtime
+
+        runtime = describe_runtime()
+        stdout.print(
+            f"hybrid-codec {runtime['hybrid-codec']} (torch {runtime['torch']}; CPU kernel: {runtime['CPU kernel']})",
+            soft_wrap=True,
+        )
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Show the version, torch's and the CPU kernel's, and exit.",
+            is_eager=True,
+            callback=_show_version,
+            metavar="",
+        ),
+    ] = False,
+) -> None:
     """A tiny learned image codec: 48x smaller latents from one DynamicConv layer each way."""
 
 
@@ -81,7 +136,7 @@ def reports_errors(command):
 @app.command()
 @reports_errors
 def encode(
-    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.", metavar="IMAGES...")],
     output: OutOption = None,
     quality: QualityOption = None,
     model: ModelOption = None,
@@ -99,7 +154,8 @@ def encode(
     codec = load_codec(model, device)
     codec.check_quality(quality)  # a bad level is one error before any file
     suffix = LATENT_SUFFIX if codec.quality_levels else PT_SUFFIX  # without levels, a .pt is all there is
-    targets = output_paths(sources, output, suffix, force)
+    file_suffixes = (LATENT_SUFFIX, ".pt") if codec.quality_levels else (".pt",)
+    targets = output_paths(sources, output, suffix, force, file_suffixes)
 
     def one(source: Path, target: Path) -> str:
         latent, size = encode_file(codec, source, target, quality)
@@ -113,7 +169,7 @@ def encode(
 @app.command()
 @reports_errors
 def decode(
-    inputs: Annotated[list[Path], typer.Argument(help="Latent files or folders of them.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Latent files or folders of them.", metavar="LATENTS...")],
     output: OutOption = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Weights to decode with (default: the file's own model).")
@@ -220,9 +276,9 @@ def roundtrip(
     from .evaluation import comparison
     from .evaluation import roundtrip as run_roundtrip
     from .info import human_bytes
-    from .paths import output_paths, save_image
+    from .paths import COMPARISON_SUFFIX, output_paths, save_image
 
-    target = output_paths([image], output, ".comparison.png", force)[0] if output else None
+    target = output_paths([image], output, COMPARISON_SUFFIX, force)[0] if output else None
     result = run_roundtrip(load_codec(model, device), image, quality)
     level = f"quality {result.level}  " if result.level is not None else ""
     stdout.print(
@@ -331,8 +387,9 @@ def recipe_command(options_class: type, model_fields: tuple[str, ...]):
             help_text = declared.get("help", "")
             if declared.get("argument"):
                 info = typer.Argument(help=help_text)
-            elif hints[f.name] is bool:
-                info = typer.Option(f.default, f"--{f.name.replace('_', '-')}", "-f", help=help_text)
+            elif hints[f.name] is bool:  # a plain flag: no <bool> value to type after it
+                flags = (f"--{f.name.replace('_', '-')}",) + (("-f",) if f.name == "force" else ())
+                info = typer.Option(f.default, *flags, help=help_text, metavar="")
             else:
                 callback = _device_name if f.name == "device" else None
                 info = typer.Option(... if required else f.default, help=help_text, callback=callback)
@@ -340,16 +397,20 @@ def recipe_command(options_class: type, model_fields: tuple[str, ...]):
                 inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hints[f.name])
             )
         for name in model_fields:
-            help_text = (
-                "Model name written into the config." if name == "name" else "Model size (see docs/training.md)."
-            )
-            info = typer.Option(getattr(config, name), help=help_text)
+            if name == "name":  # trained models are named after their file, not all "native"
+                info = typer.Option(None, help=MODEL_FIELD_HELP[name], show_default="--out's file name")
+                annotation = str | None
+            else:
+                info = typer.Option(getattr(config, name), help=MODEL_FIELD_HELP[name])
+                annotation = config_hints[name]
             parameters.append(
-                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=config_hints[name])
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
             )
 
         @functools.wraps(run)
         def command(**values):
+            if values.get("name", "") is None:
+                values["name"] = model_name_for(values["out"])
             model = dataclasses.replace(config, **{name: values.pop(name) for name in model_fields})
             return run(options_class(**values, model=model))
 
@@ -364,6 +425,39 @@ def _log(message: str) -> None:
     err.print(f"[yellow]{message}[/]", soft_wrap=True)
 
 
+def resume_command(argv: list[str], checkpoint: Path) -> str:
+    """The command line that goes on from `checkpoint`: this one, without --force or an old --resume."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--force", "-f") or arg.startswith("--resume="):
+            continue
+        elif arg == "--resume":
+            skip = True
+        else:
+            kept.append(arg)
+    return shlex.join(["hybrid-codec", *kept, "--resume", str(checkpoint)])
+
+
+def run_recipe(job, opts, description: str):
+    """Run a training job under a progress bar; Ctrl-C says which checkpoint holds how much, and how to go on."""
+    from .training import Interrupted
+
+    try:
+        with step_progress(description) as report:
+            return job(opts, report=report, log=_log)
+    except Interrupted as stop:
+        if stop.checkpoint is None:
+            fail(str(stop))
+        fail(
+            f"interrupted at step {stop.step}; the checkpoint {stop.checkpoint} holds step {stop.saved_step} "
+            f"of {opts.steps}. Resume with: {resume_command(sys.argv[1:], stop.checkpoint)}"
+        )
+
+
 @app.command()
 @reports_errors
 @recipe_command(TrainOptions, ("name", "encoder_hidden", "decoder_hidden", "decoder_kernel"))
@@ -371,11 +465,12 @@ def train(opts) -> None:
     """Train encoder and decoder together on random crops of every image in DATA_DIR."""
     from .train import train as run_training
 
-    with step_progress("training") as report:
-        result = run_training(opts, report=report, log=_log)
+    result = run_recipe(run_training, opts, "training")
     best = f", best validation PSNR {result.best_val_psnr:.2f} dB" if result.best_val_psnr is not None else ""
     stdout.print(
-        f"trained {result.steps} steps in {result.seconds / 60:.1f} min{best}: wrote {result.out}", soft_wrap=True
+        f"trained {result.steps} steps in {result.seconds / 60:.1f} min{best}: wrote {result.out} "
+        f"(its checkpoint {result.checkpoint} stays: --resume it with a higher --steps to go on, or delete it)",
+        soft_wrap=True,
     )
 
 
@@ -387,8 +482,7 @@ def distill(opts) -> None:
     from .distill import distill as run_distill
     from .distill import relative_error_report
 
-    with step_progress("distilling") as report:
-        result = run_distill(opts, report=report, log=_log)
+    result = run_recipe(run_distill, opts, "distilling")
     state = "" if result.finished else " (stopped early: --resume goes on)"
     stdout.print(
         f"distilled {result.steps} steps in {result.seconds / 60:.1f} min{state}, "
@@ -405,7 +499,7 @@ def sd_latents(
     scaled: Annotated[
         bool, typer.Option("--scaled/--raw", help="Scaled by 0.18215 (the UNet's space), or raw VAE latents.")
     ] = True,
-    batch_size: int = 8,
+    batch_size: Annotated[int, typer.Option(help="Images per batch through the encoder.")] = 8,
     model: Annotated[str, typer.Option("--model", "-m", help="SD-space model: sd, or a weights file.")] = "sd",
     device: DeviceOption = "auto",
     restart: Annotated[bool, typer.Option("--restart", help="Drop what an earlier run wrote and start over.")] = False,

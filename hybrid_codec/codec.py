@@ -124,7 +124,7 @@ class Codec:
             raise CodecError(
                 f"this latent was made by model {latent.model!r} (weights {latent.weights}), "
                 f"not by the weights decoding it ({self.name!r}, {self.weights_hash}); "
-                "decode it with the weights that encoded it (--model)"
+                "decode it with the weights that encoded it (--model WEIGHTS.safetensors)"
             )
         if latent.codes.shape[0] != self.config.latent_channels:
             raise CodecError(
@@ -241,7 +241,10 @@ class Codecs:
     def get(self, name: str | None = None) -> Codec:
         name = self.model or name or DEFAULT_MODEL
         if self.model is None and name not in SHIPPED:
-            raise CodecError(f"this latent names model {name!r}, which is not shipped; pass --model WEIGHTS")
+            raise CodecError(
+                f"this latent names model {name!r}, which is not shipped: pass the weights file that made it, "
+                f"--model {name}.safetensors (a trained model is named after its weights file)"
+            )
         if name not in self._loaded:
             self._loaded[name] = load_codec(name, self.device)
         return self._loaded[name]

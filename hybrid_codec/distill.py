@@ -221,7 +221,7 @@ class Distillation(Recipe):
         if opts.teacher_latents is None:
             from .sd import DEFAULT_VAE, load_vae
 
-            self.teacher = load_vae("sd", opts.teacher or DEFAULT_VAE["sd"], device)
+            self.teacher = load_vae("sd", opts.teacher or DEFAULT_VAE["sd"], device, flag="--teacher")
             for path in val_paths:
                 image = _central_crop(pixels_to_tensor(np.asarray(open_image(path))), VAL_SIDE, factor)
                 self.val_pairs.append((image, teacher_latents(self.teacher, image[None].to(device))[0].cpu()))

@@ -8,6 +8,7 @@ from . import bitstream
 from .bitstream import Packed
 from .errors import CodecError
 from .evaluation import bits_per_pixel
+from .zoo import SHIPPED, resolve_weights
 
 
 def describe_runtime() -> dict[str, object]:
@@ -27,8 +28,12 @@ def describe_runtime() -> dict[str, object]:
 
 def describe(path: Path) -> dict[str, object]:
     """What a latent file or a weights file holds, as label -> value."""
+    if not path.is_file() and str(path) in SHIPPED:  # a shipped name works wherever a weights file does
+        path = resolve_weights(str(path))
     if not path.is_file():
         raise CodecError(f"{path}: no such file")
+    if path.suffix == ".ckpt":
+        return describe_checkpoint(path)
     if path.suffix == ".safetensors":
         from .models import Autoencoder, weights_bytes
 
@@ -68,6 +73,29 @@ def describe(path: Path) -> dict[str, object]:
         "quality level": latent.level if latent.level is not None else "none (8-bit min/max codes)",
         "file size": f"{size:,} bytes",
         "bits per pixel": f"{bits_per_pixel(size, latent.height, latent.width):.3f}",
+    }
+
+
+def describe_checkpoint(path: Path) -> dict[str, object]:
+    """What a training checkpoint holds: its recipe, model, step, and the command that goes on."""
+    from .config import CodecConfig
+    from .training import load_checkpoint
+
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        raise CodecError(f"{path}: not a hybrid-codec training checkpoint")
+    options = state.get("options", {})
+    config = CodecConfig.from_json(state["config"])
+    return {
+        "kind": f"training checkpoint ({state.get('format', 'unknown recipe')})",
+        "model": config.name,
+        "step": f"{state['step']:,} of {options.get('steps', '?'):,}"
+        if isinstance(options.get("steps"), int)
+        else state["step"],
+        "trained for": f"{state.get('seconds', 0) / 60:.1f} min",
+        "writes": options.get("out", "?"),
+        "resume": f"the same command with --resume {path}",
+        "config": config.to_json(),
     }
 
 

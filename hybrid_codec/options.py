@@ -37,6 +37,19 @@ def option_info(options_class: type, name: str) -> Mapping:
     return {}
 
 
+MODEL_FIELD_HELP = {
+    "name": "Model name written into the config and into every latent file it makes.",
+    "encoder_hidden": "Hidden units of each encoder predictor (model size, see docs/training.md).",
+    "decoder_hidden": "Hidden units of each decoder predictor (model size, see docs/training.md).",
+    "decoder_kernel": "Decoder kernel size, odd (model size, see docs/training.md).",
+}
+
+
+def model_name_for(out: Path) -> str:
+    """A trained model's default name: its weights file's, so that its latents say which file decodes them."""
+    return out.name.removesuffix(".safetensors")
+
+
 def sd_config(encoder_hidden: int = 12, decoder_hidden: int = 16, decoder_kernel: int = 3) -> CodecConfig:
     return CodecConfig(
         name="sd",

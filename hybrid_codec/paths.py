@@ -16,6 +16,8 @@ LATENT_SUFFIX = ".hyb"  # the compact file; a target ending in .pt gets the torc
 PT_SUFFIX = ".latent.pt"
 LATENT_SUFFIXES = (LATENT_SUFFIX, PT_SUFFIX)
 DECODED_SUFFIX = ".decoded.png"
+COMPARISON_SUFFIX = ".comparison.png"
+OWN_OUTPUTS = (DECODED_SUFFIX, COMPARISON_SUFFIX)  # what this tool writes beside images: not new inputs
 
 
 def expand_inputs(inputs: list[Path], suffixes: tuple[str, ...] | None = None) -> list[Path]:
@@ -23,8 +25,8 @@ def expand_inputs(inputs: list[Path], suffixes: tuple[str, ...] | None = None) -
     found: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            if suffixes is None:
-                below = find_images(path)
+            if suffixes is None:  # encoding a folder again must not encode its own decoded outputs
+                below = [p for p in find_images(path) if not p.name.endswith(OWN_OUTPUTS)]
             else:
                 below = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
             if not below:
@@ -38,11 +40,26 @@ def expand_inputs(inputs: list[Path], suffixes: tuple[str, ...] | None = None) -
     return found
 
 
-def output_paths(inputs: list[Path], output: Path | None, suffix: str, force: bool) -> list[Path]:
+def looks_like_a_file(path: Path) -> bool:
+    """A name that a user means as a file (a latent, weights, an image), not as a folder to create."""
+    name = path.name.lower()
+    return name.endswith((*LATENT_SUFFIXES, ".pt", ".safetensors", ".json")) or (
+        path.suffix.lower() in Image.registered_extensions()
+    )
+
+
+def output_paths(
+    inputs: list[Path],
+    output: Path | None,
+    suffix: str,
+    force: bool,
+    file_suffixes: tuple[str, ...] | None = None,
+) -> list[Path]:
     """Where each input's output goes; refuses to overwrite anything unless `force`.
 
-    No -o: beside the input. One input and -o not an existing folder: -o itself (a file).
-    Otherwise -o is a folder (created if needed).
+    No -o: beside the input. One input and -o not an existing folder: -o itself (a file), which must
+    end in one of `file_suffixes` where given. Otherwise -o is a folder (created if needed), and a
+    name like a file's is refused rather than made a folder.
     """
 
     def stem(path: Path) -> str:
@@ -53,15 +70,22 @@ def output_paths(inputs: list[Path], output: Path | None, suffix: str, force: bo
         return path.stem
 
     if output is not None and len(inputs) == 1 and not output.is_dir() and output.suffix:
+        if file_suffixes and not output.name.endswith(file_suffixes):
+            raise CodecError(f"{output}: the output file must end in {' or '.join(file_suffixes)}")
         targets = [output]
     elif output is not None:
-        if output.exists() and not output.is_dir():
-            raise CodecError(f"{output}: several outputs need a folder, and this is a file")
+        if output.exists() and not output.is_dir() or not output.exists() and looks_like_a_file(output):
+            raise CodecError(f"{output}: {len(inputs)} inputs need a folder for -o, not a file name")
         targets = [output / f"{stem(p)}{suffix}" for p in inputs]
     else:
         targets = [p.with_name(f"{stem(p)}{suffix}") for p in inputs]
-    if len(set(targets)) != len(targets):
-        raise CodecError("two inputs would write the same output file; use separate folders")
+    first: dict[Path, Path] = {}
+    for source, target in zip(inputs, targets, strict=True):
+        if target in first:
+            raise CodecError(
+                f"{first[target]} and {source} would both write {target}; use separate folders or -o for one"
+            )
+        first[target] = source
     if not force:
         existing = [t for t in targets if t.exists()]
         if existing:

@@ -97,12 +97,15 @@ def _from_hub(cls, source: str):
     return cls.from_pretrained(source)
 
 
-def load_vae(kind: str = "sd", source: str | os.PathLike | None = None, device: str | torch.device = "auto"):
+def load_vae(
+    kind: str = "sd", source: str | os.PathLike | None = None, device: str | torch.device = "auto", flag: str = "--vae"
+):
     """The SD VAE (`kind="sd"`, an AutoencoderKL) or TAESD (`kind="taesd"`, an AutoencoderTiny), in eval mode.
 
     `source`: a Hub id (looked up in the Hugging Face cache first, as diffusers does; HF_HUB_OFFLINE
     is respected), a local diffusers folder, or (AutoencoderKL only) a single .safetensors/.ckpt file.
-    Any failure is one CodecError line saying what was tried and how to point at local weights.
+    Any failure is one CodecError line saying what was tried and how to point at local weights (with
+    `flag`, the option that names them in the command that called).
     """
     if kind not in VAE_KINDS:
         raise CodecError(f"unknown VAE kind {kind!r}; expected one of {VAE_KINDS}")
@@ -135,7 +138,7 @@ def load_vae(kind: str = "sd", source: str | os.PathLike | None = None, device: 
             offline = " (HF_HUB_OFFLINE is set)" if _hub_offline() else ""
             hint = (
                 f"; it is not in the Hugging Face cache and cannot be downloaded here{offline}: download it once "
-                f"(huggingface-cli download {source}) or pass --vae /path/to/folder with its config.json and weights"
+                f"(hf download {source}) or pass {flag} /path/to/folder with its config.json and weights"
             )
         raise CodecError(
             f"could not load the {_VAE_LABEL[kind]} from {where} {source!r}: {type(exc).__name__}: {_short(exc)}{hint}"
@@ -277,12 +280,11 @@ class LatentFileDecoder:
     """Decodes SD-space latent files with the SD VAE or TAESD, loading the VAE once for many files."""
 
     def __init__(self, kind: str = "sd", vae: str | os.PathLike | None = None, device: str | torch.device = "auto"):
-        self.vae = load_vae(kind, vae, device)
+        self.kind, self.source, self.device = kind, vae, pick_device(device)  # a bad device: one error up front
+        self.vae = None  # loaded (perhaps downloaded) at the first latent that it can decode, not before
 
-    def decode(self, latent: Latent | str | os.PathLike) -> Image.Image:
-        """A latent file (or Latent) of the `sd` model -> PIL image of the original size."""
-        if not isinstance(latent, Latent):
-            latent = Latent.load(latent)
+    def check(self, latent: Latent) -> None:
+        """Refuse a latent that no SD VAE decodes, before any VAE is loaded."""
         if latent.latent_space != "sd":
             raise CodecError(
                 f"this latent is in the {latent.latent_space!r} latent space (model {latent.model!r}); the SD VAE "
@@ -290,5 +292,13 @@ class LatentFileDecoder:
             )
         if latent.codes.shape[0] != 4:
             raise CodecError(f"SD latents have 4 channels, this one has {latent.codes.shape[0]}")
+
+    def decode(self, latent: Latent | str | os.PathLike) -> Image.Image:
+        """A latent file (or Latent) of the `sd` model -> PIL image of the original size."""
+        if not isinstance(latent, Latent):
+            latent = Latent.load(latent)
+        self.check(latent)
+        if self.vae is None:
+            self.vae = load_vae(self.kind, self.source, self.device)
         image = vae_decode(self.vae, latent.dequantize())
         return tensor_to_image(image[0, :, : latent.height, : latent.width])

@@ -219,6 +219,20 @@ class Recipe:
         """Take back what `state` kept, on --resume."""
 
 
+class Interrupted(CodecError):
+    """Ctrl-C during a run: where its last checkpoint is and how many steps it holds (None: no checkpoint yet)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, saved_step: int | None) -> None:
+        self.step, self.checkpoint, self.saved_step = step, checkpoint, saved_step
+        if checkpoint is None:
+            super().__init__(f"interrupted at step {step}, before the first checkpoint: nothing to resume")
+        else:
+            super().__init__(
+                f"interrupted at step {step}; the checkpoint {checkpoint} holds step {saved_step}: "
+                f"--resume {checkpoint} goes on"
+            )
+
+
 @dataclass
 class FitResult:
     out: Path
@@ -228,6 +242,7 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the last step's
     val: dict[str, float] = field(default_factory=dict)  # the last validation's
     best: float | None = None  # the best validation's `best_by` metric
+    checkpoint: Path | None = None  # the run's checkpoint, which stays: --resume with a higher --steps goes on
 
 
 def check_loop_options(opts: LoopOptions) -> None:
@@ -308,6 +323,13 @@ def fit(
         quiet(f"resumed from {opts.resume} at step {start}")
         if changed := changed_options(opts, state.get("options", {})):
             quiet(f"resuming with changed options ({', '.join(changed)}): not the run the checkpoint began")
+    if opts.warmup >= opts.steps:
+        quiet(
+            f"warning: --warmup {opts.warmup} is not shorter than --steps {opts.steps}: the learning rate never "
+            f"reaches --lr {opts.lr:g} (it ends at {lr_factor(opts.steps - 1, opts.warmup, opts.steps):.2g} of it); "
+            f"pass e.g. --warmup {opts.steps // 10}"
+        )
+    quiet(f"checkpoint every {opts.checkpoint_every} steps to {opts.checkpoint} (kept after the run)")
 
     net = model
     if dist.world > 1:
@@ -334,36 +356,42 @@ def fit(
 
     began = time.monotonic()
     step, finished, metrics = start, True, {}
+    saved = (opts.resume, start) if opts.resume else (None, None)  # the checkpoint a Ctrl-C leaves
     model.train()
-    for step, batch in enumerate(loader, start=start + 1):
-        loss, metrics = recipe.loss(net, batch, step)
-        if not torch.isfinite(loss):
-            raise CodecError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
-        run.step(loss)
-        metrics = {**metrics, "lr": run.lr()}
-        out_of_time = opts.max_minutes > 0 and (time.monotonic() - began) / 60 >= opts.max_minutes
-        last = step == opts.steps or out_of_time
-        if step % opts.val_every == 0 or last:
-            if dist.main and (latest := recipe.validate(run.current())):
-                val = latest
-                metrics.update(val)
-                score = val[recipe.best_by] if recipe.best_by else None
-                if score is None or best is None or score > best:
-                    best = score
-                    export()
-                run.current().train()
-                model.train()
-            dist.barrier()
-        if dist.main and (step % opts.checkpoint_every == 0 or last):
-            checkpoint(step)
-        if dist.main and report:
-            report(step, opts.steps, metrics)
-        if out_of_time and step < opts.steps:
-            quiet(f"--max-minutes {opts.max_minutes:g} reached at step {step}; --resume {opts.checkpoint} goes on")
-            finished = False
-            break
+    try:
+        for step, batch in enumerate(loader, start=start + 1):
+            loss, metrics = recipe.loss(net, batch, step)
+            if not torch.isfinite(loss):
+                raise CodecError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
+            run.step(loss)
+            metrics = {**metrics, "lr": run.lr()}
+            out_of_time = opts.max_minutes > 0 and (time.monotonic() - began) / 60 >= opts.max_minutes
+            last = step == opts.steps or out_of_time
+            if step % opts.val_every == 0 or last:
+                if dist.main and (latest := recipe.validate(run.current())):
+                    val = latest
+                    metrics.update(val)
+                    score = val[recipe.best_by] if recipe.best_by else None
+                    if score is None or best is None or score > best:
+                        best = score
+                        export()
+                    run.current().train()
+                    model.train()
+                dist.barrier()
+            if dist.main and (step % opts.checkpoint_every == 0 or last):
+                checkpoint(step)
+                saved = (opts.checkpoint, step)
+            if dist.main and report:
+                report(step, opts.steps, metrics)
+            if out_of_time and step < opts.steps:
+                quiet(f"--max-minutes {opts.max_minutes:g} reached at step {step}; --resume {opts.checkpoint} goes on")
+                finished = False
+                break
+    except KeyboardInterrupt:  # the run can go on from its last checkpoint: say which, and from where
+        raise Interrupted(step, *saved) from None
     if dist.main and not val:
         export()
     dist.barrier()
     dist.close()
-    return FitResult(opts.out, step, elapsed + time.monotonic() - began, finished, metrics, val, best)
+    seconds = elapsed + time.monotonic() - began
+    return FitResult(opts.out, step, seconds, finished, metrics, val, best, opts.checkpoint)
