@@ -284,7 +284,8 @@ def roundtrip(
     stdout.print(
         f"{image}: {level}PSNR {result.psnr:.2f} dB  MS-SSIM {result.ms_ssim:.4f}  "
         f"{result.bpp:.3f} bpp ({human_bytes(result.latent_bytes)})  "
-        f"encode {result.encode_ms:.1f} ms  decode {result.decode_ms:.1f} ms",
+        f"encode {result.encode_ms:.1f} ms  decode {result.decode_ms:.1f} ms "
+        "(first calls, with one-time set-up: warm calls are faster, see hybrid-codec eval)",
         soft_wrap=True,
     )
     if target:
@@ -497,12 +498,15 @@ def sd_latents(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", help="A .safetensors file, or a folder for one .npy per image.")],
     scaled: Annotated[
-        bool, typer.Option("--scaled/--raw", help="Scaled by 0.18215 (the UNet's space), or raw VAE latents.")
+        bool,
+        typer.Option("--scaled/--raw", help="Scaled by 0.18215 (the UNet's space), or raw VAE latents.", metavar=""),
     ] = True,
     batch_size: Annotated[int, typer.Option(help="Images per batch through the encoder.")] = 8,
     model: Annotated[str, typer.Option("--model", "-m", help="SD-space model: sd, or a weights file.")] = "sd",
     device: DeviceOption = "auto",
-    restart: Annotated[bool, typer.Option("--restart", help="Drop what an earlier run wrote and start over.")] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Drop what an earlier run wrote and start over.", metavar="")
+    ] = False,
 ) -> None:
     """Precompute SD latents for every image in FOLDER (resumable: a second run skips what is done)."""
     from .sd_dataset import write_sd_latents
