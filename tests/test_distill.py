@@ -120,7 +120,12 @@ def test_distill_bad_inputs_are_one_clear_line(tmp_path, image_folder, tiles):
     base = ["distill", str(image_folder), "--out", out, *SMALL, "--steps", "1", "--crop", "32"]
     assert "not both" in one_error_line(runner.invoke(app, [*base, "--teacher", "x", "--teacher-latents", str(tiles)]))
     line = one_error_line(runner.invoke(app, [*base]))  # the default Hub teacher, offline in tests
-    assert "stabilityai/sd-vae-ft-mse" in line and "--vae" in line
+    assert (
+        "stabilityai/sd-vae-ft-mse" in line
+        and "--teacher /path" in line
+        and "--vae" not in line
+        and "hf download" in line
+    )
     empty = tmp_path / "none"
     empty.mkdir()
     assert "no <image>_y<Y>_x<X>.npy tiles" in one_error_line(
