@@ -31,10 +31,21 @@ class PlainUsage(typer.core.TyperCommand):
         return pieces
 
     def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""  # a flag, not `--help <bool>`
-        return option
+        return plain_flag(super().get_help_option(ctx))
+
+
+class PlainGroup(typer.core.TyperGroup):
+    """The top-level help shows `--help` as a flag too."""
+
+    def get_help_option(self, ctx):
+        return plain_flag(super().get_help_option(ctx))
+
+
+def plain_flag(option):
+    """A flag, not `--help <bool>`."""
+    if option is not None:
+        option.metavar = ""
+    return option
 
 
 class CommandsApp(typer.Typer):
@@ -45,6 +56,7 @@ class CommandsApp(typer.Typer):
 
 
 app = CommandsApp(
+    cls=PlainGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -60,6 +60,10 @@ def test_help_shows_plain_flags_and_argument_names(command):
     assert re.search(rf"Usage: .*{command} \[OPTIONS\] [A-Z_]+", usage), usage
 
 
+def test_the_top_level_help_shows_help_as_a_flag():
+    assert "<bool>" not in ok("--help").stdout
+
+
 def test_train_help_explains_every_option_and_shows_the_model_default():
     text = ok("train", "--help").stdout
     for flag in ("--steps", "--crop", "--lr", "--warmup", "--checkpoint-every", "--seed", "--encoder-hidden"):
