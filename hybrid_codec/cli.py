@@ -379,6 +379,20 @@ def eval_(
         stdout.print(f"wrote {plot}", soft_wrap=True)
 
 
+@app.command()
+@reports_errors
+def demo(
+    port: Annotated[int, typer.Option(help="Port of the page.")] = 7860,
+    host: Annotated[str, typer.Option(help="Address to bind: 127.0.0.1 keeps the page on this machine.")] = "127.0.0.1",
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """A local web page: drop an image, move the quality slider, compare with JPEG and WebP at the same size."""
+    from .demo import serve
+
+    serve(port, model, device, host, ready=lambda url: stdout.print(f"demo at {url} (Ctrl+C stops it)", soft_wrap=True))
+
+
 def recipe_command(options_class: type, model_fields: tuple[str, ...]):
     """A typer command whose flags are the recipe's option fields (declared once, with their help) and
     the model config's `model_fields`; the decorated function takes the built options object."""

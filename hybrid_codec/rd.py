@@ -77,7 +77,9 @@ def _timed(job):
     return out, (time.perf_counter() - begin) * 1000
 
 
-def _classic(image: Image.Image, fmt: str, quality: int) -> tuple[bytes, Image.Image, float, float]:
+def classic_roundtrip(image: Image.Image, fmt: str, quality: int) -> tuple[bytes, Image.Image, float, float]:
+    """A Pillow file of `image` and its decoding: (bytes, decoded, encode ms, decode ms)."""
+
     def encode() -> bytes:
         buffer = io.BytesIO()
         image.save(buffer, format=fmt, quality=quality)
@@ -92,7 +94,8 @@ def _classic(image: Image.Image, fmt: str, quality: int) -> tuple[bytes, Image.I
     return data, decoded, encode_ms, decode_ms
 
 
-def _hybrid(codec: Codec, image: Image.Image, level: int | None) -> tuple[bytes, Image.Image, float, float]:
+def hybrid_roundtrip(codec: Codec, image: Image.Image, level: int | None) -> tuple[bytes, Image.Image, float, float]:
+    """The model's file of `image` at `level` and its decoding: (bytes, decoded, encode ms, decode ms)."""
     data, encode_ms = _timed(lambda: codec.compress(image, level))
     decoded, decode_ms = _timed(lambda: codec.decompress(data))
     return data, decoded, encode_ms, decode_ms
@@ -101,12 +104,14 @@ def _hybrid(codec: Codec, image: Image.Image, level: int | None) -> tuple[bytes,
 def jobs(codec: Codec, classics: tuple[str, ...]) -> list[tuple[str, int, Callable]]:
     """(codec name, setting, image -> (bytes, decoded, encode ms, decode ms)) for every setting evaluated."""
     levels: list[int | None] = list(range(1, codec.quality_levels + 1)) or [None]
-    out = [(codec.name, level or 0, lambda image, level=level: _hybrid(codec, image, level)) for level in levels]
+    out = [
+        (codec.name, level or 0, lambda image, level=level: hybrid_roundtrip(codec, image, level)) for level in levels
+    ]
     for name in classics:
         if name not in CLASSIC:
             raise CodecError(f"unknown classic codec {name!r}; expected some of {', '.join(CLASSIC)}")
         fmt, qualities = CLASSIC[name]
-        out += [(name, q, lambda image, fmt=fmt, q=q: _classic(image, fmt, q)) for q in qualities]
+        out += [(name, q, lambda image, fmt=fmt, q=q: classic_roundtrip(image, fmt, q)) for q in qualities]
     return out
 
 
