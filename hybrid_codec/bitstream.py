@@ -56,7 +56,8 @@ PACKED_VERSION = 1
 HEADER = struct.Struct("<4sBB8sII")  # magic, version, level, weights hash, height, width; then a CRC-32
 HEADER_BYTES = HEADER.size + 4
 CODINGS = ("deflate-delta",)
-MAX_LATENT_VALUES = 64_000_000 // 16  # 4 channels at 1/64 of the largest image the codec accepts
+MAX_LATENT_VALUES = 2**32 // 16  # 4 channels at 1/64 of the largest image the header holds (2^32 pixels);
+# the codec's own limit (`max_pixels`) is checked before a payload is decoded
 
 
 def _encode_codes(codes: np.ndarray) -> bytes:

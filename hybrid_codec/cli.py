@@ -90,6 +90,14 @@ QualityOption = Annotated[
     int | None,
     typer.Option("--quality", "-q", help="Quality level, 1 (smallest file) to the model's highest.", show_default="6"),
 ]
+MaxPixelsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels",
+        help="Largest image to accept: a memory guard, and Pillow's decompression-bomb limit.",
+        show_default="64000000",
+    ),
+]
 OutOption = Annotated[Path | None, typer.Option("--output", "-o", help="Output file (one input) or folder.")]
 
 
@@ -153,6 +161,7 @@ def encode(
     quality: QualityOption = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
+    max_pixels: MaxPixelsOption = None,
     force: ForceOption = False,
 ) -> None:
     """Encode images to latent files (<stem>.hyb beside each input, or into -o; -o NAME.latent.pt
@@ -163,7 +172,7 @@ def encode(
     from .paths import LATENT_SUFFIX, PT_SUFFIX, expand_inputs, output_paths
 
     sources = expand_inputs(inputs)
-    codec = load_codec(model, device)
+    codec = load_codec(model, device, max_pixels)
     codec.check_quality(quality)  # a bad level is one error before any file
     suffix = LATENT_SUFFIX if codec.quality_levels else PT_SUFFIX  # without levels, a .pt is all there is
     file_suffixes = (LATENT_SUFFIX, ".pt") if codec.quality_levels else (".pt",)
@@ -193,6 +202,7 @@ def decode(
         str | None, typer.Option(help="SD VAE / TAESD to use: Hub id, local folder or (sd) a .safetensors file.")
     ] = None,
     device: DeviceOption = "auto",
+    max_pixels: MaxPixelsOption = None,
     force: ForceOption = False,
 ) -> None:
     """Decode latent files to PNG (<stem>.decoded.png beside each input, or into -o)."""
@@ -208,7 +218,7 @@ def decode(
     sources = expand_inputs(inputs, suffixes=LATENT_SUFFIXES)
     targets = output_paths(sources, output, DECODED_SUFFIX, force)
     if decoder == "hybrid":
-        codecs = Codecs(model, device)
+        codecs = Codecs(model, device, max_pixels)
 
         def one(source: Path, target: Path) -> str:
             image = decode_file(codecs, source, target)
@@ -281,6 +291,7 @@ def roundtrip(
     quality: QualityOption = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
+    max_pixels: MaxPixelsOption = None,
     force: ForceOption = False,
 ) -> None:
     """Encode and decode IMAGE in memory: PSNR, MS-SSIM, bits per pixel, timings, comparison PNG."""
@@ -291,7 +302,7 @@ def roundtrip(
     from .paths import COMPARISON_SUFFIX, output_paths, save_image
 
     target = output_paths([image], output, COMPARISON_SUFFIX, force)[0] if output else None
-    result = run_roundtrip(load_codec(model, device), image, quality)
+    result = run_roundtrip(load_codec(model, device, max_pixels), image, quality)
     level = f"quality {result.level}  " if result.level is not None else ""
     stdout.print(
         f"{image}: {level}PSNR {result.psnr:.2f} dB  MS-SSIM {result.ms_ssim:.4f}  "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -18,20 +19,36 @@ from . import bitstream
 from .bitstream import Latent, Packed
 from .errors import CodecError
 from .fast import FastAutoencoder
-from .images import ImageLike, image_to_pixels, open_image, tensor_to_image
+from .images import ImageLike, check_size, image_to_pixels, open_image, rgb_array, tensor_to_image, to_rgb
 from .models import Autoencoder
 from .paths import save_image, write_atomic
 from .quantize import dequantize, quantize
 from .runtime import check_device
+from .tiles import TILE, check_tile, decode_tiled, encode_tiled
 from .zoo import DEFAULT_MODEL, SHIPPED, resolve_weights
 
 DEFAULT_QUALITY = 6  # the knee of the curve: see the README
 
 
 class Codec:
-    """A model ready to encode and decode, on one device, in eval mode."""
+    """A model ready to encode and decode, on one device, in eval mode.
 
-    def __init__(self, model: Autoencoder, device: str | torch.device = "cpu") -> None:
+    `max_pixels` is the largest image it encodes or decodes (a memory guard, `images.MAX_PIXELS`
+    by default); images larger than `tile` x `tile` pixels are coded in tiles (`tiles.py`), with
+    the same result: `tile=None` codes them whole.
+    """
+
+    def __init__(
+        self,
+        model: Autoencoder,
+        device: str | torch.device = "cpu",
+        max_pixels: int | None = None,
+        tile: int | None = TILE,
+    ) -> None:
+        if max_pixels is not None and (type(max_pixels) is not int or max_pixels < 1):
+            raise CodecError(f"max_pixels must be a positive integer, not {max_pixels!r}")
+        self.max_pixels = max_pixels
+        self.tile = None if tile is None else check_tile(tile, model.config.downscale)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config
@@ -94,8 +111,20 @@ class Codec:
         """
         level = self.check_quality(quality)
         batched = isinstance(image, torch.Tensor) and image.dim() == 4
-        images = image_to_pixels(image)  # 8-bit images stay 8-bit: the encoder reads them directly
-        latent = self.encode_tensor(images)
+        if isinstance(image, (str, os.PathLike)):
+            image = open_image(image, self.max_pixels)
+        if self.tiles(image):  # a PIL image is read one tile at a time, never copied whole
+            if isinstance(image, Image.Image):
+                check_size(*image.size, max_pixels=self.max_pixels)
+                pixels = to_rgb(image)
+            else:
+                pixels = rgb_array(image, self.max_pixels)
+            latent = encode_tiled(self.encode_tensor, pixels, self.tile, self.config.downscale)
+            height, width = (pixels.height, pixels.width) if isinstance(pixels, Image.Image) else pixels.shape[:2]
+        else:
+            images = image_to_pixels(image, self.max_pixels)  # 8-bit images stay 8-bit: the encoder reads them
+            latent = self.encode_tensor(images)
+            height, width = images.shape[-2:]
         if level is None:
             codes, low, step = quantize(latent)
         else:
@@ -107,16 +136,28 @@ class Codec:
                 codes=codes[i].cpu(),
                 low=low[i].cpu(),
                 step=step[i].cpu(),
-                height=images.shape[-2],
-                width=images.shape[-1],
+                height=height,
+                width=width,
                 model=self.name,
                 weights=self.weights_hash,
                 latent_space=self.config.latent_space,
                 level=level,
             )
-            for i in range(images.shape[0])
+            for i in range(latent.shape[0])
         ]
         return latents if batched else latents[0]
+
+    def tiles(self, image: ImageLike) -> bool:
+        """Whether `image` (a PIL image or an array: tensors are coded whole) is coded in tiles."""
+        if self.tile is None:
+            return False
+        if isinstance(image, Image.Image):
+            pixels = image.width * image.height
+        elif isinstance(image, np.ndarray) and image.ndim >= 2:
+            pixels = image.shape[0] * image.shape[1]
+        else:
+            return False
+        return pixels > self.tile * self.tile
 
     def check(self, latent: Latent) -> None:
         """Refuse a latent made by other weights: decoding it would give noise, not an error."""
@@ -135,7 +176,14 @@ class Codec:
         """A Latent (or a latent file, its bytes) -> PIL image of the original size."""
         latent = self.load(latent)
         self.check(latent)
-        image = self.decode_tensor(latent.dequantize())
+        check_size(latent.width, latent.height, where="latent's image", max_pixels=self.max_pixels)
+        latents = latent.dequantize()
+        if self.tile is not None and latent.height * latent.width > self.tile * self.tile:
+            halo = self.config.decoder_kernel // 2
+            return decode_tiled(
+                self.decode_tensor, latents, latent.height, latent.width, self.tile, halo, self.config.downscale
+            )
+        image = self.decode_tensor(latents)
         return tensor_to_image(image[0, :, : latent.height, : latent.width])
 
     def to_bytes(self, latent: Latent) -> bytes:
@@ -168,6 +216,7 @@ class Codec:
             )
         if source.level > self.quality_levels:
             raise CodecError(f"quality level {source.level} does not exist in model {self.name!r}")
+        check_size(source.width, source.height, where="latent's image", max_pixels=self.max_pixels)
         shape = source.latent_shape(self.config.latent_channels, self.config.downscale)
         try:
             codes = self.levels.coder(source.level).decompress(source.payload, shape)
@@ -212,16 +261,18 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return chosen
 
 
-def load_codec(name_or_path: str | os.PathLike | None = None, device: str | torch.device = "auto") -> Codec:
+def load_codec(
+    name_or_path: str | os.PathLike | None = None, device: str | torch.device = "auto", max_pixels: int | None = None
+) -> Codec:
     """The codec with shipped weights by name ("native", "sd"), or weights from a path."""
     path: Path = resolve_weights(name_or_path)
     chosen = pick_device(device)
-    return Codec(Autoencoder.from_pretrained(path, device=chosen), device=chosen)
+    return Codec(Autoencoder.from_pretrained(path, device=chosen), device=chosen, max_pixels=max_pixels)
 
 
 def encode_file(codec: Codec, source: Path, target: Path, quality: int | None = None) -> tuple[Latent, int]:
     """Encode one image file to a latent file (a `.pt` dict if `target` ends in .pt); the latent and its size."""
-    latent = codec.encode(open_image(source), quality)
+    latent = codec.encode(open_image(source, codec.max_pixels), quality)
     data = latent.to_bytes() if target.suffix == ".pt" else codec.to_bytes(latent)
     write_atomic(target, data)
     return latent, len(data)
@@ -230,12 +281,13 @@ def encode_file(codec: Codec, source: Path, target: Path, quality: int | None = 
 class Codecs:
     """Loads each model once; a latent file's own model is the default for decoding it."""
 
-    def __init__(self, model: str | None, device: str) -> None:
+    def __init__(self, model: str | None, device: str, max_pixels: int | None = None) -> None:
         # a bad --device or --model is one error before any file, not the same error once per file
         self.device = pick_device(device)
         if model is not None:
             resolve_weights(model)
         self.model = model
+        self.max_pixels = max_pixels
         self._loaded: dict[str, Codec] = {}
 
     def get(self, name: str | None = None) -> Codec:
@@ -246,7 +298,7 @@ class Codecs:
                 f"--model {name}.safetensors (a trained model is named after its weights file)"
             )
         if name not in self._loaded:
-            self._loaded[name] = load_codec(name, self.device)
+            self._loaded[name] = load_codec(name, self.device, self.max_pixels)
         return self._loaded[name]
 
     def for_file(self, latent: Latent | Packed) -> Codec:

@@ -32,7 +32,7 @@ class RoundTrip:
 
 def roundtrip(codec: Codec, source: Path, quality: int | None = None) -> RoundTrip:
     """Encode to file bytes and decode them, in memory; quality, size and timings of what a file would hold."""
-    original = open_image(source)
+    original = open_image(source, codec.max_pixels)
     begin = time.perf_counter()
     latent = codec.encode(original, quality)
     data = codec.to_bytes(latent)
@@ -40,7 +40,7 @@ def roundtrip(codec: Codec, source: Path, quality: int | None = None) -> RoundTr
     decoded = codec.decode(data)
     end = time.perf_counter()
     size = len(data)
-    a, b = image_to_tensor(original), image_to_tensor(decoded)
+    a, b = image_to_tensor(original, codec.max_pixels), image_to_tensor(decoded, codec.max_pixels)
     return RoundTrip(
         original=original,
         decoded=decoded,

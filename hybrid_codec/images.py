@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
@@ -14,15 +16,23 @@ from PIL import Image, UnidentifiedImageError
 from .errors import CodecError
 
 MAX_PIXELS = 64_000_000
-"""Largest image the codec accepts (64 megapixels): far beyond that, a bomb or a mistake."""
+"""Largest image the codec accepts by default (64 megapixels): a memory guard against a bomb or a
+mistake, raised per call (`max_pixels`, `--max-pixels`) for scans and panoramas, which the codec
+codes in tiles (`tiles.py`). The same limit is Pillow's decompression-bomb limit while a file opens."""
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file as RGB, with a one-line error for anything wrong."""
+def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image file as RGB, with a one-line error for anything wrong.
+
+    `max_pixels` (default `MAX_PIXELS`) is checked on the header's size before any pixel is
+    decoded, and Pillow's own decompression-bomb check runs with the same limit: raising it for a
+    huge scan raises both, and neither is ever switched off.
+    """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     path = Path(path)
     if not path.exists():
         raise CodecError(f"{path}: no such file")
@@ -31,23 +41,43 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                check_size(*image.size, where=str(path))
+            with pillow_limit(limit), Image.open(path) as image:
+                check_size(*image.size, where=str(path), max_pixels=limit)
                 image.load()
                 return to_rgb(image)
     except CodecError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CodecError(f"{path}: not an image Pillow can read, or too large") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        reason = f"{str(exc).rstrip('.')}; --max-pixels raises it"
+        raise CodecError(f"{path}: too large for the limit of {limit:,} pixels ({reason})") from None
+    except UnidentifiedImageError:
+        raise CodecError(f"{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise CodecError(f"{path}: corrupt or truncated image ({exc})") from None
 
 
-def check_size(width: int, height: int, where: str = "image") -> None:
+@contextlib.contextmanager
+def pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit raised to `max_pixels` where that is above it (Pillow warns
+    above its limit, which `open_image` makes an error), restored afterwards: its default (89 MP)
+    would refuse a raised limit's images. Below it, `check_size` refuses first, naming the size."""
+    saved = Image.MAX_IMAGE_PIXELS
+    if saved is not None:
+        Image.MAX_IMAGE_PIXELS = max(saved, max_pixels)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def check_size(width: int, height: int, where: str = "image", max_pixels: int | None = None) -> None:
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     if width < 1 or height < 1:
         raise CodecError(f"{where}: empty image ({width}x{height})")
-    if width * height > MAX_PIXELS:
-        raise CodecError(f"{where}: {width}x{height} is too large (at most {MAX_PIXELS:,} pixels)")
+    if width * height > limit:
+        raise CodecError(
+            f"{where}: {width}x{height} is too large (at most {limit:,} pixels; --max-pixels raises the limit)"
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -66,9 +96,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def image_to_tensor(image: ImageLike) -> torch.Tensor:
+def image_to_tensor(image: ImageLike, max_pixels: int | None = None) -> torch.Tensor:
     """Path, PIL image, HxW(x3/4) uint8 array or (3, H, W) / (B, 3, H, W) float tensor -> (B, 3, H, W) in [0, 1]."""
-    pixels = image_to_pixels(image)
+    pixels = image_to_pixels(image, max_pixels)
     return pixels if pixels.is_floating_point() else pixels.float().div_(255.0)  # float keeps the HWC layout
 
 
@@ -77,23 +107,23 @@ def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels, order="C")).permute(2, 0, 1).float().div_(255.0)
 
 
-def image_to_pixels(image: ImageLike) -> torch.Tensor:
+def image_to_pixels(image: ImageLike, max_pixels: int | None = None) -> torch.Tensor:
     """Like `image_to_tensor`, but a path, PIL image or array stays 8-bit: (1, 3, H, W) uint8, a view
     of the decoded HxWx3 pixels without a copy. Tensors come back as checked (B, 3, H, W) floats."""
     if isinstance(image, (str, os.PathLike)):
-        image = open_image(image)
+        image = open_image(image, max_pixels)
     if isinstance(image, Image.Image):
-        check_size(*image.size)
+        check_size(*image.size, max_pixels=max_pixels)
         image = np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):
-        return torch.from_numpy(rgb_array(image)).permute(2, 0, 1).unsqueeze(0)
+        return torch.from_numpy(rgb_array(image, max_pixels)).permute(2, 0, 1).unsqueeze(0)
     if not isinstance(image, torch.Tensor):
         raise CodecError(f"cannot encode a {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[1] != 3:
         raise CodecError(f"expected a (3, H, W) or (B, 3, H, W) tensor, got {tuple(image.shape)}")
-    check_size(image.shape[3], image.shape[2])
+    check_size(image.shape[3], image.shape[2], max_pixels=max_pixels)
     if not image.is_floating_point():
         raise CodecError(f"expected a float tensor in [0, 1], got {image.dtype}")
     if not torch.isfinite(image).all():
@@ -101,12 +131,12 @@ def image_to_pixels(image: ImageLike) -> torch.Tensor:
     return image.clamp(0, 1)
 
 
-def rgb_array(array: np.ndarray) -> np.ndarray:
+def rgb_array(array: np.ndarray, max_pixels: int | None = None) -> np.ndarray:
     """HxW, HxWx1, HxWx3 or HxWx4 uint8 (or uint16) -> HxWx3 uint8."""
     # dtype and size first: the RGBA path below goes through uint8, which would hide a float or 16-bit array
     if array.ndim < 2:
         raise CodecError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
-    check_size(array.shape[1], array.shape[0])
+    check_size(array.shape[1], array.shape[0], max_pixels=max_pixels)
     if array.dtype == np.uint16:
         array = (array.astype(np.float32) / 65535.0 * 255.0).round().astype(np.uint8)
     elif array.dtype != np.uint8:
