@@ -545,7 +545,8 @@ def sd_latents(
         bool, typer.Option("--restart", help="Drop what an earlier run wrote and start over.", metavar="")
     ] = False,
 ) -> None:
-    """Precompute SD latents for every image in FOLDER (resumable: a second run skips what is done)."""
+    """Precompute SD latents for every image in FOLDER (resumable: a second run skips what is done).
+    Under torchrun, OUT is a folder: one shard file per rank and a manifest."""
     from .sd_dataset import write_sd_latents
 
     progress = progress_bar()
@@ -567,6 +568,8 @@ def sd_latents(
         err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     skipped = f", {job.skipped} already there" if job.skipped else ""
     stdout.print(f"wrote {job.done} latents to {job.out}{skipped}", soft_wrap=True)
+    if job.manifest is not None:
+        stdout.print(f"wrote {job.manifest} (every image's shard and key)", soft_wrap=True)
     if job.failed:
         fail(f"{len(job.failed)} of {job.done + job.skipped + len(job.failed)} images failed")
 

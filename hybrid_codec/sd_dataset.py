@@ -4,6 +4,8 @@ Two outputs: one `.safetensors` file (a tensor (4, h, w) per image, keyed by its
 the folder, settings in the metadata), or a folder of `<relative path without suffix>.npy` files
 with a `sd-latents.json` manifest. Both resume: images whose latents exist are skipped. For the
 single file, finished latents are kept in a hidden `.<name>.parts/` folder until the file is written.
+Under torchrun each rank writes its own shard of single files, and rank 0 a manifest of them
+(`write_shards`): `torchrun --nproc_per_node N -m hybrid_codec.sd_latents DIR --out OUT`.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .errors import CodecError
 from .images import find_images, open_image, pixels_to_tensor
 from .paths import write_atomic
 from .sd import SD_SCALING_FACTOR, encode_latents, sd_codec
+from .training import Distributed
 
 MANIFEST = "sd-latents.json"
+SHARD_MANIFEST = "manifest.json"  # a torchrun run's: image -> shard and key
 FORMAT = "hybrid-codec-sd-latents"
 
 Progress = Callable[[int, int], None]
@@ -36,6 +41,7 @@ class LatentsJob:
     skipped: int = 0  # already there (resume)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     out: Path | None = None
+    manifest: Path | None = None  # written by rank 0 of a torchrun run
 
 
 def _settings(model: str, scaled: bool, device: str) -> dict[str, str]:
@@ -133,10 +139,27 @@ def write_sd_latents(
 ) -> LatentsJob:
     """SD latents for every image below `folder` into `out` (.safetensors file, or a folder of .npy).
 
-    Images of one size are encoded in batches of `batch_size`; a file that cannot be read is
-    reported in `failed` and the others go on. Runs again skip what is done; `restart` drops it first.
+    Images of one size are encoded together, in batches of `batch_size`; a file that cannot be
+    read is reported in `failed` and the others go on. Runs again skip what is done; `restart`
+    drops it first. Under torchrun (WORLD_SIZE > 1) `out` is a folder of shards: see `write_shards`.
     """
     folder, out = Path(folder), Path(out)
+    keys, sources = _find(folder)
+    dist = Distributed()
+    if dist.world > 1:
+        return write_shards(keys, sources, out, dist, scaled, batch_size, device, model, restart, progress)
+    settings = _settings(model, scaled, device)
+    single = out.suffix == ".safetensors"
+    if single and out.is_dir():
+        raise CodecError(f"{out}: is a folder; give a .safetensors file or a folder without that suffix")
+    if not single and out.exists() and not out.is_dir():
+        raise CodecError(f"{out}: exists and is a file; give a .safetensors file or a folder")
+    if not single and (out / SHARD_MANIFEST).exists():
+        raise CodecError(f"{out}: holds the shards of a torchrun run; run it under torchrun, or use another folder")
+    return _write(keys, sources, out, settings, scaled, batch_size, device, model, restart, progress)
+
+
+def _find(folder: Path) -> tuple[list[str], list[Path]]:
     sources = find_images(folder)
     if not sources:
         raise CodecError(f"{folder}: folder holds no images")
@@ -145,12 +168,32 @@ def write_sd_latents(
     if len(set(names)) != len(names):
         clash = next(n for n in names if names.count(n) > 1)
         raise CodecError(f"two images would share the latent {clash!r} (same name, other suffix); rename one")
-    settings = _settings(model, scaled, device)
+    return keys, sources
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """An image's size from its header, without decoding it; (0, 0) where it cannot be read (reported later)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - any unreadable file is reported by open_image, with its reason
+        return (0, 0)
+
+
+def _write(
+    keys: list[str],
+    sources: list[Path],
+    out: Path,
+    settings: dict[str, str],
+    scaled: bool,
+    batch_size: int,
+    device: str,
+    model: str,
+    restart: bool,
+    progress: Progress | None,
+) -> LatentsJob:
+    """The latents of `sources` (named `keys`) into one .safetensors file or .npy folder, resumably."""
     single = out.suffix == ".safetensors"
-    if single and out.is_dir():
-        raise CodecError(f"{out}: is a folder; give a .safetensors file or a folder without that suffix")
-    if not single and out.exists() and not out.is_dir():
-        raise CodecError(f"{out}: exists and is a file; give a .safetensors file or a folder")
     parts_dir = out.with_name(f".{out.name}.parts") if single else out
     if restart:
         if single:
@@ -166,6 +209,7 @@ def write_sd_latents(
             job.skipped += 1
         else:
             pending.append((key, source))
+    pending.sort(key=lambda item: (_size(item[1]), item[0]))  # images of one size together, in batches
     total = len(sources)
     if progress:
         progress(job.skipped, total)
@@ -205,6 +249,89 @@ def write_sd_latents(
     if single:
         _assemble(out, existing, parts, settings, keys)
     return job
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def write_shards(
+    keys: list[str],
+    sources: list[Path],
+    out: Path,
+    dist: Distributed,
+    scaled: bool = True,
+    batch_size: int = 8,
+    device: str = "auto",
+    model: str = "sd",
+    restart: bool = False,
+    progress: Progress | None = None,
+) -> LatentsJob:
+    """One rank's part of a torchrun run: `out` is a folder; rank r of N takes every N-th image
+    (sorted by size, then name: each rank gets its share of every size) into its own resumable
+    `shard-r-of-N.safetensors`, and rank 0, once every shard is complete, writes `manifest.json`
+    (image -> shard and key). A killed run resumes where each rank stopped, with the same N."""
+    if out.suffix == ".safetensors":
+        raise CodecError(f"{out}: under torchrun --out is a folder, for one shard file per rank")
+    if out.exists() and not out.is_dir():
+        raise CodecError(f"{out}: exists and is a file; under torchrun --out is a folder")
+    if device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{dist.local_rank}"
+    dist.init(torch.device(device if device != "auto" else "cpu"))
+    try:
+        if restart and dist.main:
+            shutil.rmtree(out, ignore_errors=True)
+        dist.barrier()  # nobody writes while rank 0 clears the folder
+        settings = _settings(model, scaled, device)
+        others = sorted(
+            p.name for p in out.glob("shard-*-of-*.safetensors") if not p.name.endswith(f"{dist.world:05d}.safetensors")
+        )
+        if others:
+            raise CodecError(
+                f"{out} holds shards of a run with another number of ranks ({others[0]}); "
+                "rerun with that many, or use --restart to start over"
+            )
+        order = sorted(range(len(keys)), key=lambda i: (_size(sources[i]), keys[i]))
+        mine = order[dist.rank :: dist.world]
+        shard = out / shard_name(dist.rank, dist.world)
+        out.mkdir(parents=True, exist_ok=True)
+        job = _write(
+            [keys[i] for i in mine],
+            [sources[i] for i in mine],
+            shard,
+            settings,
+            scaled,
+            batch_size,
+            device,
+            model,
+            False,
+            progress if dist.main else None,
+        )
+        dist.barrier()  # every shard is complete from here on
+        if dist.main:
+            job.manifest = out / SHARD_MANIFEST
+            write_atomic(job.manifest, json.dumps(_manifest(out, dist.world, settings), indent=1).encode())
+        dist.barrier()
+        return job
+    finally:
+        dist.close()
+
+
+def _manifest(out: Path, world: int, settings: dict[str, str]) -> dict:
+    """Which shard holds each image's latent, read back from the shards themselves."""
+    from safetensors import safe_open
+
+    images = {}
+    for rank in range(world):
+        name = shard_name(rank, world)
+        with safe_open(str(out / name), framework="pt") as f:
+            images.update({key: {"shard": name, "key": key} for key in f.keys()})
+    return {
+        **settings,
+        "world": world,
+        "shards": [shard_name(r, world) for r in range(world)],
+        "images": dict(sorted(images.items())),
+    }
 
 
 def _assemble(
