@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py [--sizes 16,64,256] [--threads 1] [--untiled 16]
 
-Each size and phase runs in a fresh process, so each peak (ru_maxrss) is that phase's own. The
+Each size and phase runs in a fresh process, its peak (VmHWM, Linux) reset just before it. The
 image is generated in memory (a smooth pattern with texture), as Pillow would hold a decoded
 file: 4 bytes per pixel. "encode" is PIL image -> file bytes at the default quality, "decode" is
 file bytes -> PIL image. `image MB` is what the image itself takes; `over image MB` is the peak
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,15 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The peak resident memory since `reset_peak` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def reset_peak() -> None:
+    """Start the peak afresh (Linux: writing 5 to clear_refs resets VmHWM): generating the image is not measured."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def generated(width: int, height: int):
@@ -66,11 +73,13 @@ def phase(kind: str, megapixels: float, tiled: bool, data_path: Path) -> dict:
     with torch.inference_mode():
         if kind == "encode":
             image = generated(width, height)
+            reset_peak()
             base = rss_mb()
             begin = time.perf_counter()
             data_path.write_bytes(codec.compress(image))
         else:
             data = data_path.read_bytes()
+            reset_peak()
             base = rss_mb() + width * height * 4 / 2**20  # the output image, as Pillow holds it
             begin = time.perf_counter()
             image = codec.decompress(data)
