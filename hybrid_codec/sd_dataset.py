@@ -275,12 +275,17 @@ def write_shards(
         raise CodecError(f"{out}: under torchrun --out is a folder, for one shard file per rank")
     if out.exists() and not out.is_dir():
         raise CodecError(f"{out}: exists and is a file; under torchrun --out is a folder")
-    if device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{dist.local_rank}"
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{dist.local_rank}"  # one GPU per rank
+        torch.cuda.set_device(dist.local_rank)
     dist.init(torch.device(device if device != "auto" else "cpu"))
     try:
-        if restart and dist.main:
-            shutil.rmtree(out, ignore_errors=True)
+        if restart and dist.main:  # what runs wrote, and nothing else of the folder
+            (out / SHARD_MANIFEST).unlink(missing_ok=True)
+            for shard in out.glob("shard-*-of-*.safetensors"):
+                shard.unlink()
+            for parts in out.glob(".shard-*-of-*.safetensors.parts"):
+                shutil.rmtree(parts, ignore_errors=True)
         dist.barrier()  # nobody writes while rank 0 clears the folder
         settings = _settings(model, scaled, device)
         others = sorted(

@@ -104,6 +104,12 @@ def test_two_ranks_killed_and_resumed(tmp_path):
     expected = encode_latents(images / "img4.png", model=weights, device="cpu")[0]
     torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-5)
 
+    (out / "notes.txt").write_text("mine")
+    restarted = torchrun("-m", "hybrid_codec", "sd-latents", *args, "--restart")  # the CLI, the same command
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert len(re.findall(r"wrote 5 latents to \S*shard-0000[01]-of-00002\.safetensors\n", restarted.stdout)) == 2
+    assert (out / "notes.txt").read_text() == "mine"  # --restart drops what runs wrote, nothing else
+
 
 def test_torchrun_needs_a_folder(tmp_path, image_folder, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
