@@ -73,6 +73,12 @@ class LoopOptions:
     warmup: int = option(300, "Steps of linear warm-up before the cosine decay.", reproducible=True)
     ema: float = option(0.999, "EMA decay of the weights (0: off).", reproducible=True)
     clip: float = option(1.0, "Gradient-norm clipping (0: off).", reproducible=True)
+    temperature_steps: int = option(
+        1000,
+        "DY-CNN / DyNet families: their attention's temperature falls linearly from 30 to 1 over the first N steps "
+        "(0: 1 throughout).",
+        reproducible=True,
+    )
     val_dir: Path | None = option(None, "Folder of validation images.")
     val_every: int = option(1000, "Validate every N steps.")
     checkpoint_every: int = option(250, "Write the checkpoint (<out>.ckpt) every N steps.")
