@@ -39,8 +39,10 @@ def option_info(options_class: type, name: str) -> Mapping:
 
 MODEL_FIELD_HELP = {
     "name": "Model name written into the config and into every latent file it makes.",
-    "encoder_hidden": "Hidden units of each encoder predictor (model size, see docs/training.md).",
-    "decoder_hidden": "Hidden units of each decoder predictor (model size, see docs/training.md).",
+    "encoder_hidden": "Encoder size: hidden units of each predictor (hybrid) or kernels K (dycnn, dynet); "
+    "see docs/training.md and docs/layers.md.",
+    "decoder_hidden": "Decoder size: hidden units of each predictor (hybrid) or kernels K (dycnn, dynet).",
+    "family": "Layer family of encoder and decoder: hybrid (DynamicConv), dycnn, dynet or conv (docs/layers.md).",
     "decoder_kernel": "Decoder kernel size, odd (model size, see docs/training.md).",
 }
 
