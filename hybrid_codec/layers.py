@@ -207,20 +207,21 @@ class _KernelMixture(nn.Module):
     `temperature` is a plain attribute, not a tensor of the state: the training schedule sets it.
     """
 
+    per_channel = False  # DyNet: a softmax over K per output channel, not one for the whole layer
+
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
         kernel_size: int,
-        stride: int,
-        padding: int | str,
-        dilation: int,
-        groups: int,
-        bias: bool,
-        K: int,
-        reduction: int,
-        temperature: float,
-        coefficients: int,
+        stride: int = 1,
+        padding: int | str = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        K: int = 4,
+        reduction: int = 4,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
@@ -230,7 +231,9 @@ class _KernelMixture(nn.Module):
         self.padding = conv_padding(padding, kernel_size, stride, dilation)
         self.temperature = temperature
         hidden = max(in_channels // reduction, K)
-        self.attention = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, coefficients))
+        self.attention = nn.Sequential(
+            nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, K * (out_channels if self.per_channel else 1))
+        )
         fan_in = in_channels // groups * kernel_size * kernel_size
         bound = 1 / math.sqrt(fan_in)  # nn.Conv2d's initialisation, for each of the K kernels
         shape = (K, out_channels, in_channels // groups, kernel_size, kernel_size)
@@ -270,35 +273,6 @@ class DyConv2d(_KernelMixture):
     (near-uniform attention early is what makes it train); 1 is what inference uses.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int | str = 0,
-        dilation: int = 1,
-        groups: int = 1,
-        bias: bool = True,
-        K: int = 4,
-        reduction: int = 4,
-        temperature: float = 1.0,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            K,
-            reduction,
-            temperature,
-            K,
-        )
-
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """pi (B, K)."""
         return torch.softmax(self.logits(x) / self.temperature, -1)
@@ -318,34 +292,7 @@ class DyNetConv2d(_KernelMixture):
     ordinary convolution over the batch.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int | str = 0,
-        dilation: int = 1,
-        groups: int = 1,
-        bias: bool = True,
-        K: int = 4,
-        reduction: int = 4,
-        temperature: float = 1.0,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            K,
-            reduction,
-            temperature,
-            out_channels * K,
-        )
+    per_channel = True
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """pi (B, O, K)."""
