@@ -36,7 +36,9 @@ class Codec:
 
     `max_pixels` is the largest image it encodes or decodes (a memory guard, `images.MAX_PIXELS`
     by default); images larger than `tile` x `tile` pixels are coded in tiles (`tiles.py`), with
-    the same result: `tile=None` codes them whole.
+    the same result: `tile=None` codes them whole. The families whose attention pools the whole
+    image (dycnn, dynet: `config.per_image_attention`) always code whole, since a tile's latents
+    would depend on the tile (docs/layers.md).
     """
 
     def __init__(
@@ -50,12 +52,15 @@ class Codec:
             raise CodecError(f"max_pixels must be a positive integer, not {max_pixels!r}")
         self.max_pixels = max_pixels
         self.tile = None if tile is None else check_tile(tile, model.config.downscale)
+        if model.config.per_image_attention:
+            self.tile = None
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.name = model.config.name
         self.weights_hash = model.weights_hash()
-        self.fast = FastAutoencoder(self.model)  # the weights are fixed from here on: latent files name their hash
+        # the weights are fixed from here on: latent files name their hash; the C kernel serves DynamicConv only
+        self.fast = FastAutoencoder(self.model) if self.config.family == "hybrid" else self.model
         self.levels = self.model.levels  # None for models without quality levels
 
     @property

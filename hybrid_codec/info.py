@@ -26,6 +26,11 @@ def describe_runtime() -> dict[str, object]:
     }
 
 
+def layer_text(layer) -> str:
+    """A layer as its constructor call would read: its class and arguments, without its parameters."""
+    return f"{type(layer).__name__}({layer.extra_repr()})"
+
+
 def describe(path: Path) -> dict[str, object]:
     """What a latent file or a weights file holds, as label -> value."""
     if not path.is_file() and str(path) in SHIPPED:  # a shipped name works wherever a weights file does
@@ -44,10 +49,9 @@ def describe(path: Path) -> dict[str, object]:
             "model": c.name,
             "latent space": c.latent_space,
             "weights hash": model.weights_hash(),
-            "encoder": f"DynamicConv(3, {c.latent_channels}, kernel {c.downscale}, stride {c.downscale}, "
-            f"hidden {c.encoder_hidden}): {weights_bytes(model.encoder) / 1000:.1f} KB",
-            "decoder": f"DynamicConv({c.latent_channels}, {3 * c.downscale**2}, kernel {c.decoder_kernel}, "
-            f"hidden {c.decoder_hidden}) + PixelShuffle({c.downscale}): {weights_bytes(model.decoder) / 1000:.1f} KB",
+            "encoder": f"{layer_text(model.encoder.conv)}: {weights_bytes(model.encoder) / 1000:.1f} KB",
+            "decoder": f"{layer_text(model.decoder.conv)} + PixelShuffle({c.downscale}): "
+            f"{weights_bytes(model.decoder) / 1000:.1f} KB",
             "quality levels": str(c.quality_levels) if c.quality_levels else "none (8-bit min/max latents)",
             "config": c.to_json(),
         }
