@@ -3,10 +3,11 @@
 The graphs come from the plain layers (`layers.py`, the reference the tests hold everything to),
 never from `fast.py` and its compiled kernel, through `torch.onnx.export(dynamo=True)` at opset
 `OPSET`, with batch, height and width left dynamic. ONNX has no copysign, and PyTorch's own
-decomposition (`prims.signbit`) has no ONNX function either: `_copysign` translates it exactly,
--0.0 included. runtime.json holds what the graphs do not: the input range and layout, the padding
-rule, each quality level's steps and probability tables (the `.hyb` file's model, see
-docs/format.md and `compact.py`), the weights' hash and the files' checksums.
+decomposition (`prims.signbit`) has no ONNX function either: `_translations` gives it one, exact
+for -0.0 too, and a nan_to_num that onnxruntime runs faster than the exporter's. runtime.json holds
+what the graphs do not: the input range and layout, the padding rule, each quality level's steps
+and probability tables (the `.hyb` file's model, see docs/format.md and `compact.py`), the
+weights' hash and the files' checksums.
 """
 
 from __future__ import annotations
@@ -131,16 +132,23 @@ def to_onnx(
 
 
 def _translations() -> dict:
-    """ONNX functions for the ATen operators the exporter cannot translate."""
+    """ONNX functions for two ATen operators of the activation: copysign has none in the exporter, and its
+    nan_to_num takes three `Where`s over the largest tensor, which onnxruntime runs slowly (profiled)."""
     from onnxscript import opset18 as op  # OPSET
 
     def copysign(magnitude, sign):
-        """|magnitude| with the sign of `sign`: negative where sign < 0 or 1 / sign < 0 (-0.0)."""
-        size = op.Abs(magnitude)
-        negative = op.Or(op.Less(sign, 0.0), op.Less(op.Reciprocal(sign), 0.0))
-        return op.Where(negative, op.Neg(size), size)
+        """|magnitude| with the sign of `sign`, negative where sign < 0 or 1 / sign < 0 (-0.0), as a product."""
+        negative = op.CastLike(op.Or(op.Less(sign, 0.0), op.Less(op.Reciprocal(sign), 0.0)), magnitude)
+        return op.Mul(op.Abs(magnitude), op.Sub(op.CastLike(1.0, magnitude), op.Add(negative, negative)))
 
-    return {torch.ops.aten.copysign.Tensor: copysign}
+    def nan_to_num(x, nan: float = 0.0, posinf: float | None = None, neginf: float | None = None):
+        """NaN -> `nan`, and +-inf -> the largest finite float32 (torch's defaults, the only ones the layers use)."""
+        if posinf is not None or neginf is not None:
+            raise NotImplementedError("nan_to_num with posinf or neginf is not translated")
+        limit = float(np.finfo(np.float32).max)
+        return op.Where(op.IsNaN(x), op.CastLike(nan, x), op.Clip(x, op.CastLike(-limit, x), op.CastLike(limit, x)))
+
+    return {torch.ops.aten.copysign.Tensor: copysign, torch.ops.aten.nan_to_num.default: nan_to_num}
 
 
 def describe(model: Autoencoder, checksums: dict[str, str]) -> dict:

@@ -99,17 +99,19 @@ def test_the_graphs_agree_with_pytorch(exported, codec, batch, height, width):
     assert np.abs(decoded - codec.decode_tensor(torch.from_numpy(latents)).numpy()).max() < 1e-4
 
 
-def test_copysign_is_translated_exactly():
-    """ONNX has no copysign: the translation takes the sign of -0.0 and of tiny numbers too."""
+def test_the_activation_operators_are_translated_exactly():
+    """ONNX has no copysign; the translations take the sign of -0.0, tiny numbers and infinities, and
+    nan_to_num's infinities go to the largest float32, as in torch."""
 
-    class Copysign(torch.nn.Module):
+    class Activation(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.ones_like(x).copysign(x)
+            return torch.stack([torch.ones_like(x).copysign(x), x.nan_to_num(nan=0.0)])
 
-    data = onnx_export.to_onnx(Copysign(), torch.randn(4), "x", "y", {0: torch.export.Dim("n")}, {})
-    x = np.array([-0.0, 0.0, -1e-30, 1e-30, -2.5, 3.0, -np.inf, np.inf], np.float32)
+    data = onnx_export.to_onnx(Activation(), torch.randn(4), "x", "y", {0: torch.export.Dim("n")}, {})
+    x = np.array([-0.0, 0.0, -1e-30, 1e-30, -2.5, 3.0, -np.inf, np.inf, np.nan], np.float32)
     (y,) = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    np.testing.assert_array_equal(y, np.copysign(np.ones_like(x), x))
+    np.testing.assert_array_equal(y[0, :-1], np.copysign(np.ones_like(x), x)[:-1])  # NaN's sign: either
+    np.testing.assert_array_equal(y[1], torch.from_numpy(x).nan_to_num(nan=0.0).numpy())
 
 
 def test_the_readme_decodes_a_file_with_onnxruntime_and_numpy_only(exported, codec, tmp_path):
