@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import bitstream
-from .bitstream import Latent, Packed
+from . import bitstream, compact
+from .bitstream import Latent
+from .compact import Packed
 from .errors import CodecError
 from .fast import FastAutoencoder
 from .images import ImageLike, check_size, image_to_pixels, open_image, rgb_array, tensor_to_image, to_rgb
@@ -197,7 +198,7 @@ class Codec:
             return latent.to_bytes()
         self.check(latent)
         payload = self.levels.coder(latent.level).compress(latent.codes.numpy())
-        return bitstream.pack(self.weights_hash, latent.level, latent.height, latent.width, payload)
+        return compact.pack(self.weights_hash, latent.level, latent.height, latent.width, payload)
 
     def compress(self, image: ImageLike, quality: int | None = None) -> bytes:
         """An image -> the bytes of its latent file."""
@@ -222,11 +223,7 @@ class Codec:
         if source.level > self.quality_levels:
             raise CodecError(f"quality level {source.level} does not exist in model {self.name!r}")
         check_size(source.width, source.height, where="latent's image", max_pixels=self.max_pixels)
-        shape = source.latent_shape(self.config.latent_channels, self.config.downscale)
-        try:
-            codes = self.levels.coder(source.level).decompress(source.payload, shape)
-        except ValueError as exc:
-            raise CodecError(f"corrupt file: {exc}") from None
+        codes = source.codes(self.levels.coder(source.level), self.config.latent_channels, self.config.downscale)
         return Latent(
             codes=torch.from_numpy(codes),
             low=self.levels.offset.clone(),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import bitstream
-from .bitstream import Packed
+from . import bitstream, compact
+from .compact import Packed
 from .errors import CodecError
 from .evaluation import bits_per_pixel
 from .zoo import SHIPPED, resolve_weights
@@ -59,11 +59,11 @@ def describe(path: Path) -> dict[str, object]:
     size = path.stat().st_size
     if isinstance(latent, Packed):
         return {
-            "kind": f"hybrid-codec compact file (format {bitstream.PACKED_VERSION})",
+            "kind": f"hybrid-codec compact file (format {compact.PACKED_VERSION})",
             "quality level": latent.level,
             "weights hash": latent.weights,
             "image size": f"{latent.width}x{latent.height}",
-            "file size": f"{size:,} bytes ({bitstream.HEADER_BYTES} of header)",
+            "file size": f"{size:,} bytes ({compact.HEADER_BYTES} of header)",
             "bits per pixel": f"{bits_per_pixel(size, latent.height, latent.width):.3f}",
         }
     version = bitstream.VERSION if latent.level is None else bitstream.LEVEL_VERSION

@@ -8,6 +8,7 @@ says only what differs: its data, its loss and its validation.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -164,6 +165,17 @@ def load_checkpoint(path: Path) -> dict:
         raise CodecError(f"{path}: not a readable training checkpoint ({type(exc).__name__})") from None
 
 
+def initial_weights(source: str | Path, config: CodecConfig) -> Autoencoder:
+    """--init-from's weights (a shipped name or a file), refused unless their layers are `config`'s."""
+    from .zoo import resolve_weights
+
+    model = Autoencoder.from_pretrained(resolve_weights(source))
+    same = dataclasses.replace(config, name=model.config.name, quality_levels=model.config.quality_levels)
+    if model.config != same:
+        raise CodecError(f"{source}: its config {model.config} differs from this run's {config}")
+    return model
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -186,9 +198,16 @@ class Recipe:
         """Read the data; item i of the returned dataset is the run's sample i (from the seed and i alone)."""
         raise NotImplementedError
 
+    opts: LoopOptions
+
     def model(self, config: CodecConfig) -> Autoencoder:
-        """The weights the run starts from (called after seeding)."""
-        return Autoencoder(config)
+        """The weights the run starts from (called after seeding): --init-from's, where given."""
+        model = Autoencoder(config)
+        if self.opts.init_from:
+            source = initial_weights(self.opts.init_from, config)
+            weights = {k: v for k, v in source.state_dict().items() if not k.startswith("levels.")}
+            model.load_state_dict(weights, strict=False)  # the levels are this run's own
+        return model
 
     def clip_groups(self, model: Autoencoder) -> list[torch.nn.Module]:
         """The parts whose gradient norms are clipped separately."""
