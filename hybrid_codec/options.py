@@ -39,8 +39,10 @@ def option_info(options_class: type, name: str) -> Mapping:
 
 MODEL_FIELD_HELP = {
     "name": "Model name written into the config and into every latent file it makes.",
-    "encoder_hidden": "Hidden units of each encoder predictor (model size, see docs/training.md).",
-    "decoder_hidden": "Hidden units of each decoder predictor (model size, see docs/training.md).",
+    "encoder_hidden": "Encoder size: hidden units of each predictor (hybrid) or kernels K (dycnn, dynet); "
+    "see docs/training.md and docs/layers.md.",
+    "decoder_hidden": "Decoder size: hidden units of each predictor (hybrid) or kernels K (dycnn, dynet).",
+    "family": "Layer family of encoder and decoder: hybrid (DynamicConv), dycnn, dynet or conv (docs/layers.md).",
     "decoder_kernel": "Decoder kernel size, odd (model size, see docs/training.md).",
 }
 
@@ -73,6 +75,12 @@ class LoopOptions:
     warmup: int = option(300, "Steps of linear warm-up before the cosine decay.", reproducible=True)
     ema: float = option(0.999, "EMA decay of the weights (0: off).", reproducible=True)
     clip: float = option(1.0, "Gradient-norm clipping (0: off).", reproducible=True)
+    temperature_steps: int = option(
+        1000,
+        "DY-CNN / DyNet families: their attention's temperature falls linearly from 30 to 1 over the first N steps "
+        "(0: 1 throughout).",
+        reproducible=True,
+    )
     val_dir: Path | None = option(None, "Folder of validation images.")
     val_every: int = option(1000, "Validate every N steps.")
     checkpoint_every: int = option(250, "Write the checkpoint (<out>.ckpt) every N steps.")

@@ -21,6 +21,7 @@ import torch
 
 from .data import StepSampler
 from .errors import CodecError
+from .layers import anneal_temperature
 from .models import Autoencoder, CodecConfig
 from .options import LoopOptions, option_info
 from .paths import write_atomic
@@ -283,6 +284,8 @@ def check_loop_options(opts: LoopOptions) -> None:
         raise CodecError(f"--lr must be a positive number, not {opts.lr}")
     if not 0 <= opts.ema < 1:
         raise CodecError(f"--ema must be in [0, 1), not {opts.ema}")
+    if opts.temperature_steps < 0:
+        raise CodecError(f"--temperature-steps must not be negative, not {opts.temperature_steps}")
     if not (math.isfinite(opts.clip) and opts.clip >= 0):
         raise CodecError(f"--clip must be 0 (off) or positive, not {opts.clip}")
     check_device(str(opts.device))
@@ -379,6 +382,7 @@ def fit(
     model.train()
     try:
         for step, batch in enumerate(loader, start=start + 1):
+            anneal_temperature(model, step - 1, opts.temperature_steps)  # the EMA copy keeps inference's 1
             loss, metrics = recipe.loss(net, batch, step)
             if not torch.isfinite(loss):
                 raise CodecError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
