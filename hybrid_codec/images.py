@@ -150,6 +150,8 @@ def image_to_pixels(image: ImageLike, max_pixels: int | None = None) -> torch.Te
         return torch.from_numpy(rgb_array(image, max_pixels)).permute(2, 0, 1).unsqueeze(0)
     if not isinstance(image, torch.Tensor):
         raise CodecError(f"cannot encode a {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
+    if image.device.type == "meta":
+        raise CodecError("the image tensor is on the meta device: it holds no pixels")
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[1] != 3:
