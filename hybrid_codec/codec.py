@@ -51,7 +51,10 @@ class Codec:
         self.tile = None if tile is None else check_tile(tile, model.config.downscale)
         if not isinstance(model, Autoencoder):
             raise CodecError(f"Codec needs an Autoencoder, not a {type(model).__name__}")
-        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in model.state_dict().values()):
+        tensors = model.state_dict().values()
+        if any(t.device.type == "meta" for t in tensors):
+            raise CodecError("the model's weights are on the meta device: they hold no values")
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
             raise CodecError("the model's weights hold NaN or infinite values: its latents could not be decoded")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()

@@ -22,7 +22,7 @@ def parameter_count(c: CodecConfig) -> int:
     """About how many weights the config's two DynamicConv layers hold (predictors and similar_conv)."""
 
     def layer(out_channels: int, patch: int, hidden: int) -> int:
-        return out_channels * (2 * patch * hidden + hidden * hidden + 8 * hidden + 3 * patch)
+        return out_channels * (2 * patch * hidden + hidden * hidden + 16 * hidden + 2 * patch + 1)
 
     encoder = layer(c.latent_channels, 3 * c.downscale**2, c.encoder_hidden)
     return encoder + layer(3 * c.downscale**2, c.latent_channels * c.decoder_kernel**2, c.decoder_hidden)

@@ -12,6 +12,7 @@ import io
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,9 @@ def load_checkpoint(path: Path) -> dict:
     """A checkpoint's dict, its structure checked: a list, a missing model or odd JSON is one CodecError."""
     data = read_input(path, "checkpoint")
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn about its protocol
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - damaged bytes make the unpickler raise almost anything
         raise CodecError(f"{path}: not a readable training checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict):

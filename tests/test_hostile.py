@@ -617,16 +617,21 @@ def test_concurrent_writers_without_force_never_overwrite(scratch):
     assert sorted(p.name for p in scratch.iterdir()) == ["same.bin"]
 
 
-def test_concurrent_encodes_to_one_file(work, scratch):
-    """Four processes at once: exactly one writes the file, the others say it exists."""
+def test_a_file_made_between_the_check_and_the_write_is_kept(work, scratch, monkeypatch):
+    """Another encode that writes the same -o after this one checked it: this one fails, that file stays."""
     target = scratch / "same.latent.pt"
-    command = [sys.executable, "-m", "hybrid_codec", "encode", str(work / "a.png"), "-o", str(target)]
-    command += ["-m", str(work / "tiny.safetensors"), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(4)]
-    results = [(run.wait(120), run.stderr.read().decode()) for run in runs]
-    assert sorted(code for code, _ in results) == [0, 1, 1, 1], results
-    assert all(err.strip().endswith("exists; use --force to overwrite") for code, err in results if code)
+    real = paths_module.publish_new
+
+    def meanwhile(tmp, path):
+        path.write_bytes(b"the other process's file")
+        real(tmp, path)
+
+    monkeypatch.setattr(paths_module, "publish_new", meanwhile)
+    result = CliRunner().invoke(
+        app, ["encode", str(work / "a.png"), "-o", str(target), "-m", str(work / "tiny.safetensors")]
+    )
+    assert result.exit_code == 1 and result.stderr.strip().endswith("exists; use --force to overwrite")
+    assert target.read_bytes() == b"the other process's file"
     assert sorted(p.name for p in scratch.iterdir()) == ["same.latent.pt"]
 
 
@@ -768,6 +773,10 @@ def test_api_model_with_nan_weights_and_meta_latents(codec):
         model.encoder.conv.kernel_weight.fill_(float("nan"))
     with pytest.raises(CodecError, match="NaN or infinite"):
         Codec(model)
+    with pytest.raises(CodecError, match="meta device"):
+        Codec(Autoencoder(TINY).to("meta"))
+    with pytest.raises(CodecError, match="needs an Autoencoder"):
+        Codec("photo")
     for latents in (torch.empty(1, 4, 2, 2, device="meta"), torch.zeros(1, 4, 0, 3), "latents"):
         with pytest.raises(CodecError):
             codec.decode_tensor(latents)
@@ -779,3 +788,107 @@ def test_json_depth_is_counted_without_recursion():
     assert load_json('{"a": [1, 2]}', "x") == {"a": [1, 2]}
     with pytest.raises(CodecError, match="nested deeper than 32"):
         load_json(nested(33), "x")
+
+
+# ---- properties (hypothesis) ----------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+MODES = ["RGB", "RGBA", "L", "LA", "P", "1", "I;16", "I", "F", "CMYK"]
+
+
+@pytest.fixture(scope="module")
+def module_codec(work) -> Codec:
+    return load_codec(work / "tiny.safetensors", "cpu")
+
+
+@PROPERTY
+@given(height=st.integers(1, 70), width=st.integers(1, 70), mode=st.sampled_from(MODES), seed=st.integers(0, 99))
+def test_any_size_and_mode_comes_back_exactly_that_size(module_codec, height, width, mode, seed):
+    image = Image.fromarray(smooth_image(height, width, seed)).convert(mode)
+    for source in (image, module_codec.to_bytes(module_codec.encode(image))):
+        latent = module_codec.encode(image) if source is image else source
+        assert module_codec.decode(latent).size == (width, height)
+
+
+def mutated(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    out = bytearray(data)
+    for position, value in edits:
+        out[position % len(out)] = value
+    return bytes(out[:cut] if cut is not None else out)
+
+
+EDITS = st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255)), min_size=1, max_size=6)
+CUTS = st.none() | st.integers(0, 4000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(edits=EDITS, cut=CUTS)
+def test_a_mutated_latent_file_is_refused_or_decodes(module_codec, work, edits, cut):
+    data = mutated((work / "a.latent.pt").read_bytes(), edits, cut)
+    try:
+        image = module_codec.decode(data)
+    except CodecError:
+        return
+    assert image.size == (40, 24) or image.width * image.height <= 64_000_000
+
+
+@pytest.fixture(scope="module")
+def photo_file(work) -> tuple[Codec, bytes]:
+    photo = load_codec("photo", "cpu")
+    return photo, photo.compress(work / "a.png", quality=3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(edits=EDITS, cut=CUTS)
+def test_a_mutated_compact_file_is_refused_or_decodes(photo_file, edits, cut):
+    photo, data = photo_file
+    try:
+        photo.decode(mutated(data, edits, cut))
+    except CodecError:
+        pass
+
+
+@PROPERTY
+@given(edits=EDITS, cut=st.none() | st.integers(0, 100_000))
+def test_a_mutated_weights_file_is_refused_or_loads(work, tmp_path_factory, edits, cut):
+    path = tmp_path_factory.mktemp("mutated") / "w.safetensors"
+    path.write_bytes(mutated((work / "tiny.safetensors").read_bytes(), edits, cut))
+    try:
+        codec = load_codec(path, "cpu")
+    except CodecError:
+        return
+    assert codec.decode(codec.encode(work / "a.png")).size == (40, 24)
+
+
+SIZES = st.integers(-5, 10) | st.integers(0, 10**13)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    fields=st.fixed_dictionaries(
+        {},
+        optional={
+            "latent_channels": SIZES,
+            "downscale": SIZES,
+            "encoder_hidden": SIZES,
+            "decoder_hidden": SIZES,
+            "decoder_kernel": SIZES,
+            "quality_levels": SIZES,
+        },
+    )
+)
+def test_random_configs_are_refused_before_any_large_allocation(fields):
+    from hybrid_codec.config import MAX_PARAMETERS, parameter_count
+
+    try:
+        config = CodecConfig.from_json(json.dumps(fields))
+    except CodecError:
+        return
+    assert parameter_count(config) <= MAX_PARAMETERS
+    if parameter_count(config) < 300_000:  # small enough to build here: the estimate is honest
+        model = Autoencoder(config)
+        layers = sum(t.numel() for name, t in model.state_dict().items() if not name.startswith("levels"))
+        assert layers <= 1.05 * parameter_count(config)
