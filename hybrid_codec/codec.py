@@ -45,12 +45,12 @@ class Codec:
         max_pixels: int | None = None,
         tile: int | None = TILE,
     ) -> None:
+        if not isinstance(model, Autoencoder):
+            raise CodecError(f"Codec needs an Autoencoder, not a {type(model).__name__}")
         if max_pixels is not None and (type(max_pixels) is not int or max_pixels < 1):
             raise CodecError(f"max_pixels must be a positive integer, not {max_pixels!r}")
         self.max_pixels = max_pixels
         self.tile = None if tile is None else check_tile(tile, model.config.downscale)
-        if not isinstance(model, Autoencoder):
-            raise CodecError(f"Codec needs an Autoencoder, not a {type(model).__name__}")
         tensors = model.state_dict().values()
         if any(t.device.type == "meta" for t in tensors):
             raise CodecError("the model's weights are on the meta device: they hold no values")
