@@ -82,8 +82,8 @@ app = CommandsApp(
     pretty_exceptions_enable=False,
     help="A tiny learned image codec: 48x smaller latents from one DynamicConv layer each way.",
 )
-stdout = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, markup=False)  # paths and messages are printed as they are: `[/]` is text
+err = Console(stderr=True, highlight=False, markup=False)
 
 ModelOption = Annotated[
     str | None,
@@ -319,7 +319,7 @@ def info(
     from .info import describe, describe_runtime
 
     for label, value in (describe(path) if path is not None else describe_runtime()).items():
-        stdout.print(f"[bold]{label:>15}[/]  {value}", soft_wrap=True)
+        stdout.print(Text.assemble((f"{label:>15}", "bold"), f"  {value}"), soft_wrap=True)
 
 
 @app.command()
@@ -499,7 +499,7 @@ def recipe_command(options_class: type, model_fields: tuple[str, ...]):
 
 
 def _log(message: str) -> None:
-    err.print(f"[yellow]{message}[/]", soft_wrap=True)
+    err.print(Text(message, style="yellow"), soft_wrap=True)
 
 
 def resume_command(argv: list[str], checkpoint: Path) -> str:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .errors import CodecError
-from .images import find_images, open_image, pixels_to_tensor
+from .images import find_images, open_image, pixels_to_tensor, quiet_stderr
 from .inputs import load_json, open_input, read_input
 from .paths import write_atomic
 from .sd import SD_SCALING_FACTOR, encode_latents, sd_codec
@@ -196,7 +196,7 @@ def _find(folder: Path) -> tuple[list[str], list[Path]]:
 def _size(path: Path) -> tuple[int, int]:
     """An image's size from its header, without decoding it; (0, 0) where it cannot be read (reported later)."""
     try:
-        with open_input(path, "image") as file, Image.open(file) as image:
+        with quiet_stderr(), open_input(path, "image") as file, Image.open(file) as image:
             return image.size
     except Exception:  # noqa: BLE001 - any unreadable file is reported by open_image, with its reason
         return (0, 0)
