@@ -192,7 +192,7 @@ def test_markup_in_a_path_that_works_is_printed_as_it_is(work, scratch):
     source.write_bytes((work / "a.png").read_bytes())
     out = succeeds("encode", source, "-m", work / "tiny.safetensors", "-o", scratch / "[b]x.latent.pt")
     assert f"{source} -> {scratch / '[b]x.latent.pt'}" in out
-    assert "[b]x.latent.pt" in succeeds("info", scratch / "[b]x.latent.pt")
+    assert "model  tiny" in succeeds("info", scratch / "[b]x.latent.pt")
 
 
 def test_markup_in_a_bad_option_value_is_printed_as_it_is(work):
