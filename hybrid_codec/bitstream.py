@@ -1,7 +1,7 @@
 """Latent files: the compact quality-level file, and the `.pt` dict that `torch.load` reads.
 
-The compact file (`.hyb`, `pack` / `unpack`, see docs/format.md) is a 26-byte header and the
-range-coded codes; its tables are the model's, so the codec decodes it. The `.pt` file is a small
+The compact file (`.hyb`, `compact.pack` / `compact.unpack`, see docs/format.md) is a 26-byte
+header and the range-coded codes; its tables are the model's, so the codec decodes it. The `.pt` file is a small
 dict written with `torch.save`, read with `torch.load(weights_only=True)`. Reading either needs
 no model and no kernel.
 
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from isal import isal_zlib
 
+from .compact import MAGIC, MAX_LATENT_VALUES, Packed, unpack
 from .config import LATENT_SPACES
 from .errors import CodecError
 from .inputs import read_input
@@ -52,13 +53,7 @@ from .quantize import dequantize
 FORMAT = "hybrid-codec-latent"
 VERSION = 1  # 8-bit min/max codes
 LEVEL_VERSION = 2  # a quality level's integer codes
-MAGIC = b"HYBC"
-PACKED_VERSION = 1
-HEADER = struct.Struct("<4sBB8sII")  # magic, version, level, weights hash, height, width; then a CRC-32
-HEADER_BYTES = HEADER.size + 4
 CODINGS = ("deflate-delta",)
-MAX_LATENT_VALUES = 2**32 // 16  # 4 channels at 1/64 of the largest image the header holds (2^32 pixels);
-# the codec's own limit (`max_pixels`) is checked before a payload is decoded
 MAX_LATENT_FILE_BYTES = MAX_LATENT_VALUES * 4  # more than 2 bytes a value: not a file this writes
 
 
@@ -257,48 +252,6 @@ def check_shape(shape: list, height: int, width: int) -> None:
         raise CodecError(f"latent shape {shape} is too large")
     if not (0 < height <= 8 * h and 0 < width <= 8 * w and height > 8 * (h - 1) and width > 8 * (w - 1)):
         raise CodecError(f"image size {height}x{width} does not match latent shape {shape}")
-
-
-@dataclass(frozen=True)
-class Packed:
-    """A compact file, read and checked: the header's fields and the entropy-coded codes."""
-
-    level: int
-    weights: str  # the hash of the weights that wrote it: their tables decode `payload`
-    height: int
-    width: int
-    payload: bytes
-
-    def latent_shape(self, channels: int, downscale: int = 8) -> tuple[int, int, int]:
-        return channels, -(-self.height // downscale), -(-self.width // downscale)
-
-
-def pack(weights: str, level: int, height: int, width: int, payload: bytes) -> bytes:
-    """The compact file: the header, its CRC-32 (over header and payload), then the payload."""
-    header = HEADER.pack(MAGIC, PACKED_VERSION, level, bytes.fromhex(weights), height, width)
-    return header + struct.pack("<I", zlib.crc32(payload, zlib.crc32(header))) + payload
-
-
-def unpack(data: bytes) -> Packed:
-    """Check a compact file's every field; anything wrong is one CodecError naming it."""
-    if len(data) < HEADER_BYTES:
-        raise CodecError(f"truncated: {len(data)} bytes, shorter than the {HEADER_BYTES}-byte header")
-    magic, version, level, weights, height, width = HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise CodecError("not a hybrid-codec file")
-    if version != PACKED_VERSION:
-        raise CodecError(f"file format version {version} is not supported (this reads {PACKED_VERSION})")
-    (crc,) = struct.unpack_from("<I", data, HEADER.size)
-    payload = data[HEADER_BYTES:]
-    if zlib.crc32(payload, zlib.crc32(data[: HEADER.size])) != crc:
-        raise CodecError("corrupt or truncated file (its checksum does not match)")
-    if level < 1:
-        raise CodecError("quality level 0 does not exist (levels start at 1)")
-    if height < 1 or width < 1 or -(-height // 8) * -(-width // 8) * 4 > MAX_LATENT_VALUES:
-        raise CodecError(f"image size {height}x{width} is out of range")
-    if len(payload) % 4:
-        raise CodecError("corrupt file: the payload is not a whole number of 32-bit words")
-    return Packed(level=level, weights=weights.hex(), height=height, width=width, payload=payload)
 
 
 def read(data: bytes, where: str = "latent") -> Latent | Packed:

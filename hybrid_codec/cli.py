@@ -537,7 +537,7 @@ def run_recipe(job, opts, description: str):
 
 @app.command()
 @reports_errors
-@recipe_command(TrainOptions, ("name", "encoder_hidden", "decoder_hidden", "decoder_kernel"))
+@recipe_command(TrainOptions, ("name", "family", "encoder_hidden", "decoder_hidden", "decoder_kernel"))
 def train(opts) -> None:
     """Train encoder and decoder together on random crops of every image in DATA_DIR."""
     from .train import train as run_training

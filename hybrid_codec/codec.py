@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import bitstream
-from .bitstream import Latent, Packed
+from . import bitstream, compact
+from .bitstream import Latent
+from .compact import Packed
 from .errors import CodecError
 from .fast import FastAutoencoder
 from .images import ImageLike, check_size, image_to_pixels, open_image, rgb_array, tensor_to_image, to_rgb
@@ -35,7 +36,9 @@ class Codec:
 
     `max_pixels` is the largest image it encodes or decodes (a memory guard, `images.MAX_PIXELS`
     by default); images larger than `tile` x `tile` pixels are coded in tiles (`tiles.py`), with
-    the same result: `tile=None` codes them whole.
+    the same result: `tile=None` codes them whole. The families whose attention pools the whole
+    image (dycnn, dynet: `config.per_image_attention`) always code whole, since a tile's latents
+    would depend on the tile (docs/layers.md).
     """
 
     def __init__(
@@ -56,12 +59,15 @@ class Codec:
             raise CodecError("the model's weights are on the meta device: they hold no values")
         if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
             raise CodecError("the model's weights hold NaN or infinite values: its latents could not be decoded")
+        if model.config.per_image_attention:
+            self.tile = None
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.name = model.config.name
         self.weights_hash = model.weights_hash()
-        self.fast = FastAutoencoder(self.model)  # the weights are fixed from here on: latent files name their hash
+        # the weights are fixed from here on: latent files name their hash; the C kernel serves DynamicConv only
+        self.fast = FastAutoencoder(self.model) if self.config.family == "hybrid" else self.model
         self.levels = self.model.levels  # None for models without quality levels
 
     @property
@@ -203,7 +209,7 @@ class Codec:
             return latent.to_bytes()
         self.check(latent)
         payload = self.levels.coder(latent.level).compress(latent.codes.numpy())
-        return bitstream.pack(self.weights_hash, latent.level, latent.height, latent.width, payload)
+        return compact.pack(self.weights_hash, latent.level, latent.height, latent.width, payload)
 
     def compress(self, image: ImageLike, quality: int | None = None) -> bytes:
         """An image -> the bytes of its latent file."""
@@ -228,11 +234,7 @@ class Codec:
         if source.level > self.quality_levels:
             raise CodecError(f"quality level {source.level} does not exist in model {self.name!r}")
         check_size(source.width, source.height, where="latent's image", max_pixels=self.max_pixels)
-        shape = source.latent_shape(self.config.latent_channels, self.config.downscale)
-        try:
-            codes = self.levels.coder(source.level).decompress(source.payload, shape)
-        except ValueError as exc:
-            raise CodecError(f"corrupt file: {exc}") from None
+        codes = source.codes(self.levels.coder(source.level), self.config.latent_channels, self.config.downscale)
         return Latent(
             codes=torch.from_numpy(codes),
             low=self.levels.offset.clone(),

@@ -13,6 +13,11 @@ from .errors import CodecError
 from .inputs import load_json
 
 LATENT_SPACES = ("native", "sd")
+FAMILIES = ("hybrid", "dycnn", "dynet", "conv")
+"""The layer families of encoder and decoder (models.py, docs/layers.md): DynamicConv (the default),
+DY-CNN's DyConv2d, DyNet's DyNetConv2d, and a plain nn.Conv2d baseline."""
+ATTENTION_FAMILIES = ("dycnn", "dynet")
+"""The families whose attention pools the whole image: a latent depends on every pixel, not only its patch."""
 MAX_SIZES = {"latent_channels": 64, "downscale": 32, "encoder_hidden": 512, "decoder_hidden": 512, "decoder_kernel": 15}
 """Bounds on a config's sizes, checked before a tensor is made: a weights file's metadata may ask for anything."""
 MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights; the shipped models hold 0.5 M
@@ -36,15 +41,19 @@ class CodecConfig:
     latent_space: str = "native"  # "native", or "sd": the raw (unscaled) Stable Diffusion VAE latent space
     latent_channels: int = 4
     downscale: int = 8  # encoder kernel and stride, decoder PixelShuffle factor
-    encoder_hidden: int = 14
-    decoder_hidden: int = 22
+    encoder_hidden: int = 14  # the encoder's size: hidden units (hybrid) or kernels K (dycnn, dynet); conv has none
+    decoder_hidden: int = 22  # the decoder's, likewise
     decoder_kernel: int = 3
     quality_levels: int = 0  # learned quantization steps and entropy tables (0: 8-bit min/max latents only)
+    family: str = "hybrid"  # the layer family of encoder and decoder, one of FAMILIES
 
     def __post_init__(self) -> None:
         # a config also comes from a weights file's metadata: check types before building anything from it
-        if not isinstance(self.name, str) or not isinstance(self.latent_space, str):
-            raise CodecError(f"model name and latent space must be strings, not {self.name!r}, {self.latent_space!r}")
+        if not all(isinstance(v, str) for v in (self.name, self.latent_space, self.family)):
+            raise CodecError(
+                f"model name, latent space and family must be strings, not "
+                f"{self.name!r}, {self.latent_space!r}, {self.family!r}"
+            )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             least = 0 if f.name == "quality_levels" else 1
@@ -59,13 +68,22 @@ class CodecConfig:
             raise CodecError(f"at most 255 quality levels, not {self.quality_levels}")
         if self.latent_space not in LATENT_SPACES:
             raise CodecError(f"unknown latent space {self.latent_space!r}; expected one of {LATENT_SPACES}")
+        if self.family not in FAMILIES:
+            raise CodecError(f"unknown layer family {self.family!r}; expected one of {FAMILIES}")
         if self.decoder_kernel % 2 == 0:
             raise CodecError(f"decoder_kernel must be odd, not {self.decoder_kernel}")
+
+    @property
+    def per_image_attention(self) -> bool:
+        """Whether a latent depends on the whole image (dycnn, dynet): tiles would not be exact."""
+        return self.family in ATTENTION_FAMILIES
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
         if not self.quality_levels:  # the JSON of models from before quality levels, which their hash covers
             del fields["quality_levels"]
+        if self.family == "hybrid":  # likewise from before the layer families
+            del fields["family"]
         return json.dumps(fields, sort_keys=True)
 
     @classmethod

@@ -1,12 +1,17 @@
 """`hybrid-codec distill`: train the `sd` model, an encoder into the Stable Diffusion VAE latent space.
 
-The student encoder learns the teacher's latent mean (raw, unscaled SD space) on random 8-aligned
-crops; the student decoder learns to decode the student's own (detached, 8-bit fake-quantized)
-latents, so it decodes exactly what latent files will hold. The latent loss is the MSE per channel
-divided by the targets' variance per channel: a relative error, with every channel weighing the same.
+The latent loss is the teacher README's metric: per tile (or crop, with a live teacher) and channel,
+the MSE over the variance of the target within that tile and channel, averaged. A global variance
+would underweight flat tiles, which weigh as much as any in the metric.
+
+Three stages (`--stage`): `both` trains the encoder on the latent loss and, beside it, the decoder on
+the encoder's detached, fake-quantized latents; `encoder` the encoder alone (the decoder kept);
+`decoder` the decoder alone on the frozen encoder's latents exactly as latent files store them
+(encoded whole, 8-bit min/max per image and channel), of the training photos at scales from
+`--decoder-min-scale` to 1, so that it also sees the level of detail of ordinary photos.
 
 Targets come from a live `diffusers.AutoencoderKL` teacher (fed [-1, 1] images; the student always
-takes [0, 1]) or from precomputed tiles `<image>_y<Y>_x<X>.npy` (see `TileCrops`). The schedule,
+takes [0, 1]) or from precomputed tiles `<image>_y<Y>_x<X>.npy` (see `find_tiles`). The schedule,
 checkpoints, EMA and step sampling are the loop's (`training.fit`).
 """
 
@@ -20,20 +25,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .data import RandomCrops, usable_images
 from .errors import CodecError
 from .images import open_image, pixels_to_tensor
 from .metrics import psnr
-from .models import Autoencoder
+from .models import Autoencoder, CodecConfig
 from .options import DistillOptions
 from .quantize import dequantize, fake_quantize, quantize
-from .training import Distributed, FitResult, Recipe, Reporter, fit
+from .training import Distributed, FitResult, Recipe, Reporter, fit, initial_weights
 
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
+SCALED_FOLDER = re.compile(r"-s(?P<digits>\d{2,})$")
 VAL_SIDE = 256
 """Validation looks at the central (at most) VAL_SIDE x VAL_SIDE crop of each image or tile: the
 SD VAE (live teacher) and the decoder are the slow parts; the latent error uses whole tiles."""
+DECODER_SCALES = 5
+"""The decoder stage's scales: this many, geometrically from --decoder-min-scale to 1."""
 
 
 # ---------------------------------------------------------------- precomputed targets
@@ -45,10 +54,29 @@ class Tile:
     top: int
     left: int
     latent: Path
+    scale: float = 1.0  # of the image the tile is cut from (resized with Lanczos, as the teacher README says)
+
+
+def folder_scale(folder: Path) -> float:
+    """The image scale of a folder's tiles: `photos-s065` holds tiles of the photos at 0.65, others at 1."""
+    match = SCALED_FOLDER.search(folder.name)
+    return int(match["digits"]) / 10 ** (len(match["digits"]) - 1) if match else 1.0
+
+
+def scaled_pixels(path: Path, scale: float = 1.0) -> np.ndarray:
+    """An image's HxWx3 uint8 pixels at `scale`, resized as the teacher's downscaled tiles were."""
+    image = open_image(path)
+    if scale != 1.0:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    return np.asarray(image)
 
 
 def find_tiles(latent_dir: Path, images: list[Path], warn: Callable[[str], None] = print) -> list[Tile]:
-    """The tiles in `latent_dir` that belong to `images` (matched by file stem), sorted."""
+    """The tiles in `latent_dir` and its subfolders that belong to `images` (matched by file stem), sorted.
+
+    A folder named `<anything>-sNNN` holds tiles of the images at scale N.NN (`folder_scale`), so
+    `--teacher-latents ../shared/teacher` takes both of its tile sets.
+    """
     if not latent_dir.is_dir():
         raise CodecError(f"{latent_dir}: no such folder of teacher latents")
     by_stem: dict[str, Path] = {}
@@ -57,13 +85,14 @@ def find_tiles(latent_dir: Path, images: list[Path], warn: Callable[[str], None]
             raise CodecError(f"two images are named {path.stem!r} ({by_stem[path.stem]}, {path}): tiles are ambiguous")
         by_stem[path.stem] = path
     tiles, odd = [], 0
-    for file in sorted(latent_dir.glob("*.npy")):
+    for file in sorted(latent_dir.rglob("*.npy")):
         match = TILE_NAME.match(file.name)
         if not match:
             odd += 1
             continue
         if match["image"] in by_stem:
-            tiles.append(Tile(by_stem[match["image"]], int(match["y"]), int(match["x"]), file))
+            scale = folder_scale(file.parent)
+            tiles.append(Tile(by_stem[match["image"]], int(match["y"]), int(match["x"]), file, scale))
     if odd:
         warn(f"skipping {odd} .npy files in {latent_dir} not named <image>_y<Y>_x<X>.npy")
     return tiles
@@ -84,13 +113,14 @@ def _load_target(tile: Tile, image: np.ndarray, channels: int, factor: int) -> n
     if tile.top + h > image.shape[0] or tile.left + w > image.shape[1]:
         raise CodecError(
             f"{tile.latent}: a {h}x{w} tile at ({tile.top}, {tile.left}) does not fit in "
-            f"{tile.image} ({image.shape[0]}x{image.shape[1]})"
+            f"{tile.image} at scale {tile.scale:g} ({image.shape[0]}x{image.shape[1]})"
         )
     return latent.astype(np.float32)
 
 
 class TileCrops(torch.utils.data.Dataset):
-    """Item i: a random 8-aligned crop of one tile and the matching crop of its latent, like RandomCrops.
+    """Item i: a random 8-aligned crop of one tile, the matching crop of its latent, and the whole
+    tile's target variance per channel (C,): the metric's weights, whatever the crop.
 
     A patch-local student can learn from any aligned crop of a (tile, latent) pair. Images and
     latents are read once and kept: a few hundred MB for the 49 shared photos.
@@ -98,17 +128,60 @@ class TileCrops(torch.utils.data.Dataset):
 
     def __init__(self, tiles: list[Tile], crop: int, seed: int, channels: int = 4, factor: int = 8) -> None:
         self.tiles, self.crop, self.seed, self.factor = tiles, crop, seed, factor
-        images: dict[Path, np.ndarray] = {}
+        images: dict[tuple[Path, float], np.ndarray] = {}
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         for tile in tiles:
-            if tile.image not in images:
-                images[tile.image] = np.asarray(open_image(tile.image))
-            image = images[tile.image]
+            key = (tile.image, tile.scale)
+            if key not in images:
+                images[key] = scaled_pixels(tile.image, tile.scale)
+            image = images[key]
             target = _load_target(tile, image, channels, factor)
             h, w = target.shape[1] * factor, target.shape[2] * factor
             if min(h, w) < crop:
                 raise CodecError(f"{tile.latent}: its {h}x{w} tile is smaller than --crop {crop}")
             self.pairs.append((image[tile.top : tile.top + h, tile.left : tile.left + w], target))
+        self.variances = [torch.from_numpy(t.reshape(t.shape[0], -1).var(1)) for _, t in self.pairs]
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, i])
+        epoch, position = divmod(i, len(self.pairs))
+        index = int(np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.pairs))[position])
+        pixels, target = self.pairs[index]
+        f, side = self.factor, self.crop // self.factor
+        top = int(rng.integers(0, target.shape[1] - side + 1))
+        left = int(rng.integers(0, target.shape[2] - side + 1))
+        patch = pixels[top * f : (top + side) * f, left * f : (left + side) * f]
+        window = np.ascontiguousarray(target[:, top : top + side, left : left + side])
+        return pixels_to_tensor(patch), torch.from_numpy(window), self.variances[index]
+
+    def whole(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every (tile image, tile latent) pair whole: the validation set."""
+        return [(pixels_to_tensor(p), torch.from_numpy(t)) for p, t in self.pairs]
+
+
+class StoredLatentCrops(torch.utils.data.Dataset):
+    """Item i: a window of a photo's latent as its latent file stores it (8-bit, min/max of the whole
+    image) with a one-latent halo (zeros beyond the image: the decoder's own padding), and the pixels
+    of its interior. Each photo at each of `scales`, encoded once by `model`'s encoder."""
+
+    def __init__(self, paths: list[Path], model: Autoencoder, crop: int, seed: int, scales: list[float]) -> None:
+        from .codec import Codec
+
+        self.crop, self.seed, self.factor = crop, seed, model.config.downscale
+        frozen = Autoencoder(model.config)
+        frozen.load_state_dict(model.state_dict())
+        codec = Codec(frozen, tile=None)
+        self.pairs: list[tuple[np.ndarray, torch.Tensor]] = []
+        for path in paths:
+            for scale in scales:
+                pixels = scaled_pixels(path, scale)
+                if min(pixels.shape[:2]) // self.factor * self.factor >= crop:
+                    self.pairs.append((pixels, codec.encode(pixels).dequantize()[0]))
+        if not self.pairs:
+            raise CodecError(f"no training image is at least --crop {crop} pixels on each side at every scale")
 
     def __len__(self) -> int:
         return 2**62
@@ -116,18 +189,13 @@ class TileCrops(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, i])
         epoch, position = divmod(i, len(self.pairs))
-        order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.pairs))
-        pixels, target = self.pairs[int(order[position])]
+        index = int(np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.pairs))[position])
+        pixels, latent = self.pairs[index]
         f, side = self.factor, self.crop // self.factor
-        top = int(rng.integers(0, target.shape[1] - side + 1))
-        left = int(rng.integers(0, target.shape[2] - side + 1))
-        patch = pixels[top * f : (top + side) * f, left * f : (left + side) * f]
-        window = np.ascontiguousarray(target[:, top : top + side, left : left + side])
-        return pixels_to_tensor(patch), torch.from_numpy(window)
-
-    def whole(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every (tile image, tile latent) pair whole: the validation set."""
-        return [(pixels_to_tensor(p), torch.from_numpy(t)) for p, t in self.pairs]
+        top = int(rng.integers(0, pixels.shape[0] // f - side + 1))
+        left = int(rng.integers(0, pixels.shape[1] // f - side + 1))
+        halo = F.pad(latent, (1, 1, 1, 1))[:, top : top + side + 2, left : left + side + 2]
+        return halo, pixels_to_tensor(pixels[top * f : (top + side) * f, left * f : (left + side) * f])
 
 
 # ---------------------------------------------------------------- live teacher
@@ -147,39 +215,37 @@ def _central_crop(image: torch.Tensor, side: int, factor: int) -> torch.Tensor:
     return image[..., top : top + ch, left : left + cw]
 
 
-# ---------------------------------------------------------------- validation and training
+# ---------------------------------------------------------------- the metric, validation and training
+
+
+def relative_errors(latents: torch.Tensor, targets: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C): per tile and channel, MSE(latent, target) / the target's variance within that tile and
+    channel (the teacher README's metric; `variance` (B, C) if the targets are crops of bigger tiles)."""
+    if variance is None:
+        variance = targets.var((2, 3), unbiased=False)
+    return (latents - targets).pow(2).mean((2, 3)) / variance.clamp_min(1e-12)
 
 
 @torch.no_grad()
 def evaluate(model: Autoencoder, pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> dict:
-    """Latent relative error (per channel MSE / target variance, averaged over channels) and round-trip PSNR.
+    """Latent relative error (tile by tile, `relative_errors`; per channel and their mean) and round-trip PSNR.
 
     The student's own round trip goes through real 8-bit latents, as a latent file would.
     """
     was_training = model.training
     model.eval()
-    channels = model.config.latent_channels
-    sq_err, total, total_sq, count = (torch.zeros(channels, dtype=torch.float64) for _ in range(4))
-    scores = []
+    errors, scores = [], []
     for image, target in pairs:
         image, target = image[None].to(device), target[None].to(device, torch.float32)
         latent = model.encoder(image)
-        sq_err += (latent - target).double().pow(2).sum((0, 2, 3)).cpu()
-        total += target.double().sum((0, 2, 3)).cpu()
-        total_sq += target.double().pow(2).sum((0, 2, 3)).cpu()
-        count += target[0, 0].numel()
+        errors.append(relative_errors(latent.double(), target.double())[0].cpu())
         window = _central_crop(latent, VAL_SIDE // model.config.downscale, 1)
         decoded = model.decoder(dequantize(*quantize(window)))
         scores.append(psnr(_central_crop(image, VAL_SIDE, model.config.downscale), decoded))
     model.train(was_training)
-    variance = (total_sq / count - (total / count) ** 2).clamp_min(1e-12)
-    relative = sq_err / count / variance
-    return {"val_latent_rel": relative.mean().item(), "val_psnr": sum(scores) / len(scores)}
-
-
-def latent_relative_error(latents: torch.Tensor, targets: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-    """Mean over channels of MSE_c / variance_c: each channel weighs the same, whatever its scale."""
-    return ((latents - targets).pow(2).mean((0, 2, 3)) / variance).mean()
+    per_channel = torch.stack(errors).mean(0)
+    channels = {f"val_latent_rel_{c}": e.item() for c, e in enumerate(per_channel)}
+    return {"val_latent_rel": per_channel.mean().item(), **channels, "val_psnr": sum(scores) / len(scores)}
 
 
 def _split(opts: DistillOptions, log: Callable[[str], None]) -> tuple[list[Path], list[Path]]:
@@ -192,6 +258,9 @@ def _split(opts: DistillOptions, log: Callable[[str], None]) -> tuple[list[Path]
     return paths, val
 
 
+STAGES = ("both", "encoder", "decoder")
+
+
 class Distillation(Recipe):
     """The SD recipe: the encoder learns the teacher's latents, the decoder decodes the student's own."""
 
@@ -201,7 +270,7 @@ class Distillation(Recipe):
         self.opts = opts
         self.teacher: torch.nn.Module | None = None
         self.val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.variance: torch.Tensor | None = None  # per latent channel, of the targets
+        self.train_paths: list[Path] = []
 
     def check(self) -> None:
         opts, factor = self.opts, self.opts.model.downscale
@@ -212,12 +281,18 @@ class Distillation(Recipe):
             raise CodecError("distill trains SD-space models: the config's latent_space must be 'sd'")
         if opts.teacher is not None and opts.teacher_latents is not None:
             raise CodecError("give --teacher or --teacher-latents, not both")
+        if opts.stage not in STAGES:
+            raise CodecError(f"--stage must be one of {', '.join(STAGES)}, not {opts.stage!r}")
+        if opts.stage == "decoder" and opts.init_from is None:
+            raise CodecError("--stage decoder trains a decoder for a given encoder: pass --init-from")
+        if not 0 < opts.decoder_min_scale <= 1:
+            raise CodecError(f"--decoder-min-scale must be in (0, 1], not {opts.decoder_min_scale}")
         if Distributed().world > 1:  # the loss calls the encoder and decoder apart, which DDP does not see
             raise CodecError("distill runs in one process: start it without torchrun")
 
     def setup(self, device: torch.device, log: Callable[[str], None]) -> torch.utils.data.Dataset:
         opts, factor, self.device = self.opts, self.opts.model.downscale, device
-        train_paths, val_paths = _split(opts, log)
+        self.train_paths, val_paths = _split(opts, log)
         if opts.teacher_latents is None:
             from .sd import DEFAULT_VAE, load_vae
 
@@ -225,8 +300,10 @@ class Distillation(Recipe):
             for path in val_paths:
                 image = _central_crop(pixels_to_tensor(np.asarray(open_image(path))), VAL_SIDE, factor)
                 self.val_pairs.append((image, teacher_latents(self.teacher, image[None].to(device))[0].cpu()))
-            return RandomCrops(train_paths, opts.crop, opts.seed, min_scale=0.5)
-        tiles = find_tiles(opts.teacher_latents, train_paths, warn=log)
+            if opts.stage == "decoder":
+                return self.stored_latents()
+            return RandomCrops(self.train_paths, opts.crop, opts.seed, min_scale=0.5)
+        tiles = find_tiles(opts.teacher_latents, self.train_paths, warn=log)
         if not tiles:
             folder = opts.teacher_latents
             raise CodecError(f"{folder}: no <image>_y<Y>_x<X>.npy tiles for the images in {opts.data_dir}")
@@ -235,28 +312,46 @@ class Distillation(Recipe):
         self.val_pairs = TileCrops(val_tiles, factor, opts.seed, opts.model.latent_channels, factor).whole()
         if val_paths and not self.val_pairs:
             log(f"no teacher tiles for the {len(val_paths)} validation images: validation is off")
-        self.variance = torch.from_numpy(np.concatenate([t.reshape(t.shape[0], -1) for _, t in crops.pairs], 1).var(1))
-        return crops
+        return self.stored_latents() if opts.stage == "decoder" else crops
+
+    def stored_latents(self) -> StoredLatentCrops:
+        """The decoder stage's data: what the --init-from encoder's files hold, at every scale."""
+        low, n = self.opts.decoder_min_scale, DECODER_SCALES
+        scales = [low ** (k / (n - 1)) for k in range(n)] if low < 1 else [1.0]
+        encoder = initial_weights(self.opts.init_from, self.opts.model)
+        return StoredLatentCrops(self.train_paths, encoder, self.opts.crop, self.opts.seed, scales)
+
+    def model(self, config: CodecConfig) -> Autoencoder:
+        model = super().model(config)
+        if self.opts.stage == "decoder":  # its latents come from this encoder: it must not move
+            model.encoder.requires_grad_(False)
+        return model
 
     def clip_groups(self, model: Autoencoder) -> list[torch.nn.Module]:
         return [model.encoder, model.decoder]  # their two losses differ in scale
 
     def loss(self, net: Autoencoder, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         opts, factor = self.opts, self.opts.model.downscale
+        if opts.stage == "decoder":
+            halo, images = batch[0].to(self.device), batch[1].to(self.device)
+            decoded = net.decoder(halo, clamp=False)[..., factor:-factor, factor:-factor]
+            return F.mse_loss(decoded, images), {"psnr": psnr(images, decoded.detach())}
+        variance = None
         if self.teacher is not None:
             images = batch.to(self.device)
             targets = teacher_latents(self.teacher, images)
         else:
-            images, targets = batch[0].to(self.device), batch[1].to(self.device)
+            images, targets, variance = (part.to(self.device) for part in batch)
         latents = net.encoder(images)
         if targets.shape != latents.shape:
             raise CodecError(
                 f"the teacher gives latents {tuple(targets.shape[1:])} for {tuple(images.shape[1:])} crops, the "
                 f"student {tuple(latents.shape[1:])}: the teacher is not an SD VAE (4 channels, 1/8 size)"
             )
-        if self.variance is None:  # a live teacher: estimated from the first batch, then kept in the checkpoint
-            self.variance = targets.float().var((0, 2, 3)).clamp_min(1e-6).cpu()
-        latent_loss = latent_relative_error(latents, targets, self.variance.to(self.device))
+        latent_loss = relative_errors(latents, targets, variance).mean()
+        metrics = {"latent_rel": latent_loss.item()}
+        if opts.stage == "encoder":
+            return latent_loss, metrics
         side = (opts.decoder_crop or opts.crop) // factor
         if side < latents.shape[-1]:  # a window of the crop: the decoder is the slow half
             rng = np.random.default_rng([opts.seed, step, 2])
@@ -265,17 +360,10 @@ class Distillation(Recipe):
             images = images[..., top * factor : (top + side) * factor, left * factor : (left + side) * factor]
         decoded = net.decoder(fake_quantize(latents.detach()), clamp=False)
         loss = latent_loss + opts.image_weight * F.mse_loss(decoded, images)
-        return loss, {"latent_rel": latent_loss.item(), "psnr": psnr(images, decoded.detach())}
+        return loss, {**metrics, "psnr": psnr(images, decoded.detach())}
 
     def validate(self, model: Autoencoder) -> dict[str, float]:
         return evaluate(model, self.val_pairs, self.device) if self.val_pairs else {}
-
-    def state(self) -> dict:
-        return {"variance": self.variance}
-
-    def restore(self, state: dict) -> None:
-        if self.variance is None:
-            self.variance = state["variance"]
 
 
 def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> FitResult:
@@ -286,4 +374,8 @@ def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[
 def relative_error_report(val: dict[str, float]) -> str:
     if not val:
         return "no validation"
-    return f"validation latent rel. error {val['val_latent_rel']:.4f}, round-trip PSNR {val['val_psnr']:.2f} dB"
+    channels = ", ".join(f"{val[f'val_latent_rel_{c}']:.3f}" for c in range(4) if f"val_latent_rel_{c}" in val)
+    return (
+        f"validation latent rel. error {val['val_latent_rel']:.4f} (per channel {channels}), "
+        f"round-trip PSNR {val['val_psnr']:.2f} dB"
+    )

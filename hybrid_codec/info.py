@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import bitstream
-from .bitstream import Packed
+from . import bitstream, compact
+from .compact import Packed
 from .errors import CodecError
 from .evaluation import bits_per_pixel
 from .inputs import check_input
@@ -27,6 +27,11 @@ def describe_runtime() -> dict[str, object]:
     }
 
 
+def layer_text(layer) -> str:
+    """A layer as its constructor call would read: its class and arguments, without its parameters."""
+    return f"{type(layer).__name__}({layer.extra_repr()})"
+
+
 def describe(path: Path) -> dict[str, object]:
     """What a latent file or a weights file holds, as label -> value."""
     if str(path) in SHIPPED and not path.is_file():  # a shipped name works wherever a weights file does
@@ -44,10 +49,9 @@ def describe(path: Path) -> dict[str, object]:
             "model": c.name,
             "latent space": c.latent_space,
             "weights hash": model.weights_hash(),
-            "encoder": f"DynamicConv(3, {c.latent_channels}, kernel {c.downscale}, stride {c.downscale}, "
-            f"hidden {c.encoder_hidden}): {weights_bytes(model.encoder) / 1000:.1f} KB",
-            "decoder": f"DynamicConv({c.latent_channels}, {3 * c.downscale**2}, kernel {c.decoder_kernel}, "
-            f"hidden {c.decoder_hidden}) + PixelShuffle({c.downscale}): {weights_bytes(model.decoder) / 1000:.1f} KB",
+            "encoder": f"{layer_text(model.encoder.conv)}: {weights_bytes(model.encoder) / 1000:.1f} KB",
+            "decoder": f"{layer_text(model.decoder.conv)} + PixelShuffle({c.downscale}): "
+            f"{weights_bytes(model.decoder) / 1000:.1f} KB",
             "quality levels": str(c.quality_levels) if c.quality_levels else "none (8-bit min/max latents)",
             "config": c.to_json(),
         }
@@ -55,11 +59,11 @@ def describe(path: Path) -> dict[str, object]:
     size = path.stat().st_size
     if isinstance(latent, Packed):
         return {
-            "kind": f"hybrid-codec compact file (format {bitstream.PACKED_VERSION})",
+            "kind": f"hybrid-codec compact file (format {compact.PACKED_VERSION})",
             "quality level": latent.level,
             "weights hash": latent.weights,
             "image size": f"{latent.width}x{latent.height}",
-            "file size": f"{size:,} bytes ({bitstream.HEADER_BYTES} of header)",
+            "file size": f"{size:,} bytes ({compact.HEADER_BYTES} of header)",
             "bits per pixel": f"{bits_per_pixel(size, latent.height, latent.width):.3f}",
         }
     version = bitstream.VERSION if latent.level is None else bitstream.LEVEL_VERSION

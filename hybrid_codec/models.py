@@ -16,12 +16,25 @@ from torch import nn
 from .config import CodecConfig
 from .errors import CodecError
 from .inputs import load_json, read_input
-from .layers import DynamicConv
+from .layers import DyConv2d, DynamicConv, DyNetConv2d
 from .levels import QualityLevels, RateProxy
 from .paths import write_atomic
 from .quantize import fake_quantize
 
 __all__ = ["Autoencoder", "CodecConfig", "Decoder", "Encoder", "read_weights", "weights_bytes"]
+
+
+def family_layer(
+    family: str, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, size: int
+) -> nn.Module:
+    """One layer of the config's family; `size` is hybrid's hidden units or DY-CNN's and DyNet's K."""
+    if family == "hybrid":
+        return DynamicConv(in_channels, out_channels, kernel_size, stride=stride, padding=padding, hidden=size)
+    if family == "dycnn":
+        return DyConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, K=size)
+    if family == "dynet":
+        return DyNetConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, K=size)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
 
 class Encoder(nn.Module):
@@ -33,7 +46,7 @@ class Encoder(nn.Module):
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()
         f = config.downscale
-        self.conv = DynamicConv(3, config.latent_channels, f, stride=f, hidden=config.encoder_hidden)
+        self.conv = family_layer(config.family, 3, config.latent_channels, f, f, 0, config.encoder_hidden)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.conv(image.float() / 255 if image.dtype == torch.uint8 else image)
@@ -45,10 +58,10 @@ class Decoder(nn.Module):
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()
         f = config.downscale
-        self.conv = DynamicConv(
-            config.latent_channels, 3 * f * f, config.decoder_kernel, padding="same", hidden=config.decoder_hidden
-        )
-        nn.init.constant_(self.conv.similar_conv.bias, 0.5)  # start at mid-grey, not at a random offset
+        k = config.decoder_kernel
+        self.conv = family_layer(config.family, config.latent_channels, 3 * f * f, k, 1, k // 2, config.decoder_hidden)
+        bias = self.conv.similar_conv.bias if config.family == "hybrid" else self.conv.bias
+        nn.init.constant_(bias, 0.5)  # start at mid-grey, not at a random offset (each of K kernels: their mix too)
         self.shuffle = nn.PixelShuffle(f)
 
     def forward(self, latent: torch.Tensor, clamp: bool = True) -> torch.Tensor:
@@ -79,6 +92,13 @@ class Autoencoder(nn.Module):
             return self.decoder(fake_quantize(latent), clamp=not self.training)
         seen, bits = self.rate(latent, levels, generator)
         return self.decoder(seen, clamp=not self.training), bits
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The plain torch path, what `fast.FastAutoencoder` computes faster for the hybrid family."""
+        return self.encoder(images)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents)
 
     def weights_hash(self) -> str:
         """A short hash of the config and every tensor: latent files name the weights with it."""

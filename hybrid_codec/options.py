@@ -39,8 +39,10 @@ def option_info(options_class: type, name: str) -> Mapping:
 
 MODEL_FIELD_HELP = {
     "name": "Model name written into the config and into every latent file it makes.",
-    "encoder_hidden": "Hidden units of each encoder predictor (model size, see docs/training.md).",
-    "decoder_hidden": "Hidden units of each decoder predictor (model size, see docs/training.md).",
+    "encoder_hidden": "Encoder size: hidden units of each predictor (hybrid) or kernels K (dycnn, dynet); "
+    "see docs/training.md and docs/layers.md.",
+    "decoder_hidden": "Decoder size: hidden units of each predictor (hybrid) or kernels K (dycnn, dynet).",
+    "family": "Layer family of encoder and decoder: hybrid (DynamicConv), dycnn, dynet or conv (docs/layers.md).",
     "decoder_kernel": "Decoder kernel size, odd (model size, see docs/training.md).",
 }
 
@@ -73,6 +75,12 @@ class LoopOptions:
     warmup: int = option(300, "Steps of linear warm-up before the cosine decay.", reproducible=True)
     ema: float = option(0.999, "EMA decay of the weights (0: off).", reproducible=True)
     clip: float = option(1.0, "Gradient-norm clipping (0: off).", reproducible=True)
+    temperature_steps: int = option(
+        1000,
+        "DY-CNN / DyNet families: their attention's temperature falls linearly from 30 to 1 over the first N steps "
+        "(0: 1 throughout).",
+        reproducible=True,
+    )
     val_dir: Path | None = option(None, "Folder of validation images.")
     val_every: int = option(1000, "Validate every N steps.")
     checkpoint_every: int = option(250, "Write the checkpoint (<out>.ckpt) every N steps.")
@@ -80,6 +88,7 @@ class LoopOptions:
     resume: Path | None = option(None, "Checkpoint to resume from.")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.")
     seed: int = option(0, "Seed of the initialisation and the crops.", reproducible=True)
+    init_from: Path | None = option(None, "Weights to fine-tune from (a shipped name or a file).")
     workers: int = option(2, "Data-loading worker processes.")
     model: CodecConfig = dataclasses.field(default_factory=CodecConfig)
     force: bool = option(False, "Overwrite an existing --out and checkpoint (the run starts afresh).")
@@ -100,7 +109,6 @@ class TrainOptions(LoopOptions):
     loss: str = option("mse", "mse, psnr (mean per-crop PSNR), ms-ssim or mix.", reproducible=True)
     min_scale: float = option(0.25, "Crops are shown at random scales from min_scale to 1.", reproducible=True)
     val_limit: int = option(0, "Validate on the first N images (0: all).")
-    init_from: Path | None = option(None, "Weights to fine-tune from (a shipped name or a file).")
     lambdas: str = option(
         "",
         "Train quality levels with a rate term: per level, the weight of MSE against bits, comma-separated, "
@@ -120,6 +128,15 @@ class DistillOptions(LoopOptions):
     )
     decoder_crop: int = option(0, "The decoder trains on a window this big of each crop (0: all).", reproducible=True)
     image_weight: float = option(1.0, "Weight of the decoder's MSE beside the latent error.", reproducible=True)
+    stage: str = option(
+        "both",
+        "both: encoder and decoder together; encoder: the encoder alone (the decoder kept); decoder: the decoder "
+        "alone, on the --init-from encoder's latents as files store them, of the photos at several scales.",
+        reproducible=True,
+    )
+    decoder_min_scale: float = option(
+        0.25, "--stage decoder shows the photos at scales from this to 1.", reproducible=True
+    )
     holdout: int = option(0, "Validate on the last N images of DATA_DIR instead of training.")
     clip: float = option(1.0, "Gradient-norm clipping of encoder and decoder each (0: off).", reproducible=True)
     # distill's own defaults; the help is LoopOptions'

@@ -96,17 +96,6 @@ class Photos(Recipe):
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         return RandomCrops(paths, opts.crop, opts.seed, opts.min_scale)
 
-    def model(self, config: CodecConfig) -> Autoencoder:
-        model = Autoencoder(config)
-        if self.opts.init_from:
-            source = Autoencoder.from_pretrained(resolve_weights(self.opts.init_from))
-            same = dataclasses.replace(config, name=source.config.name, quality_levels=source.config.quality_levels)
-            if source.config != same:
-                raise CodecError(f"{self.opts.init_from}: its config {source.config} differs from this run's {config}")
-            weights = {k: v for k, v in source.state_dict().items() if not k.startswith("levels.")}
-            model.load_state_dict(weights, strict=False)  # the levels are this run's own
-        return model
-
     def loss(self, net: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch.to(self.device, non_blocking=True)
         with self.amp:

@@ -8,6 +8,7 @@ says only what differs: its data, its loss and its validation.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -22,6 +23,7 @@ import torch
 from .data import StepSampler
 from .errors import CodecError
 from .inputs import read_input
+from .layers import anneal_temperature
 from .models import Autoencoder, CodecConfig
 from .options import LoopOptions, option_info
 from .paths import check_writable, write_atomic
@@ -196,6 +198,17 @@ CHECKPOINT_FIELDS = {
 """What every checkpoint holds, by type (`Optimization.state`)."""
 
 
+def initial_weights(source: str | Path, config: CodecConfig) -> Autoencoder:
+    """--init-from's weights (a shipped name or a file), refused unless their layers are `config`'s."""
+    from .zoo import resolve_weights
+
+    model = Autoencoder.from_pretrained(resolve_weights(source))
+    same = dataclasses.replace(config, name=model.config.name, quality_levels=model.config.quality_levels)
+    if model.config != same:
+        raise CodecError(f"{source}: its config {model.config} differs from this run's {config}")
+    return model
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -218,9 +231,16 @@ class Recipe:
         """Read the data; item i of the returned dataset is the run's sample i (from the seed and i alone)."""
         raise NotImplementedError
 
+    opts: LoopOptions
+
     def model(self, config: CodecConfig) -> Autoencoder:
-        """The weights the run starts from (called after seeding)."""
-        return Autoencoder(config)
+        """The weights the run starts from (called after seeding): --init-from's, where given."""
+        model = Autoencoder(config)
+        if self.opts.init_from:
+            source = initial_weights(self.opts.init_from, config)
+            weights = {k: v for k, v in source.state_dict().items() if not k.startswith("levels.")}
+            model.load_state_dict(weights, strict=False)  # the levels are this run's own
+        return model
 
     def clip_groups(self, model: Autoencoder) -> list[torch.nn.Module]:
         """The parts whose gradient norms are clipped separately."""
@@ -297,6 +317,8 @@ def check_loop_options(opts: LoopOptions) -> None:
         raise CodecError(f"--lr must be a positive number, not {opts.lr}")
     if not 0 <= opts.ema < 1:
         raise CodecError(f"--ema must be in [0, 1), not {opts.ema}")
+    if opts.temperature_steps < 0:
+        raise CodecError(f"--temperature-steps must not be negative, not {opts.temperature_steps}")
     if not (math.isfinite(opts.clip) and opts.clip >= 0):
         raise CodecError(f"--clip must be 0 (off) or positive, not {opts.clip}")
     check_device(str(opts.device))
@@ -395,6 +417,7 @@ def fit(
     model.train()
     try:
         for step, batch in enumerate(loader, start=start + 1):
+            anneal_temperature(model, step - 1, opts.temperature_steps)  # the EMA copy keeps inference's 1
             loss, metrics = recipe.loss(net, batch, step)
             if not torch.isfinite(loss):
                 raise CodecError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")

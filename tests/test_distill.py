@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from test_sd import tiny_kl
 from typer.testing import CliRunner
 
 from hybrid_codec.cli import app
-from hybrid_codec.distill import TileCrops, find_tiles
+from hybrid_codec.distill import TileCrops, find_tiles, folder_scale, relative_errors, scaled_pixels
 from hybrid_codec.errors import CodecError
 from hybrid_codec.models import Autoencoder
 
@@ -55,10 +58,38 @@ def test_tile_crops_are_aligned_pairs(tiles, image_folder):
     assert len(found) > 8 and all(t.top % 32 == 0 and t.left % 32 == 0 for t in found)
     crops = TileCrops(found, 32, seed=0)
     for i in range(6):
-        image, target = crops[i]
+        image, target, variance = crops[i]
         assert image.shape == (3, 32, 32) and target.shape == (4, 4, 4)
         pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         np.testing.assert_allclose(target.numpy(), pooled_target(pixels), atol=1e-5)
+        whole = [t for _, t in crops.pairs if np.isin(target.numpy(), t).all()]  # the tile it was cut from
+        assert any(np.allclose(variance.numpy(), t.reshape(4, -1).var(1)) for t in whole)
+
+
+def test_relative_errors_are_tile_by_tile():
+    """The teacher README's metric: each tile's MSE over that tile's own variance, per channel."""
+    targets = torch.stack([torch.randn(4, 8, 8), 10 * torch.randn(4, 8, 8)])
+    latents = targets + 0.5 * torch.randn_like(targets)
+    errors = relative_errors(latents, targets)
+    for b in range(2):
+        for c in range(4):
+            expected = ((latents[b, c] - targets[b, c]) ** 2).mean() / targets[b, c].var(unbiased=False)
+            assert errors[b, c].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert errors[1].mean() < errors[0].mean() / 10  # the same noise on a busier tile is a smaller error
+
+
+def test_scaled_tile_folders(tmp_path, image_folder, tiles):
+    """A folder named <x>-sNNN holds tiles of the images at N.NN: its pixels are the resized image's."""
+    assert folder_scale(Path("photos-s065")) == 0.65 and folder_scale(Path("photos")) == 1.0
+    scaled = tiles.parent / "teacher" / "tiles-s050"
+    scaled.mkdir(parents=True)
+    pixels = scaled_pixels(image_folder / "img0.png", 0.5)
+    np.save(scaled / "img0_y0_x0.npy", pooled_target(pixels[:32, :32]))
+    found = find_tiles(tiles.parent / "teacher", sorted(image_folder.glob("*.png")), warn=lambda m: None)
+    assert [(t.image.name, t.scale) for t in found] == [("img0.png", 0.5)]
+    image, target = TileCrops(found, 8, seed=0).whole()[0]
+    assert image.shape == (3, 32, 32)
+    np.testing.assert_allclose(target.numpy(), pooled_target(pixels[:32, :32]), atol=1e-6)
 
 
 def test_distill_from_tiles_validates_and_resumes(tmp_path, image_folder, tiles):
@@ -158,3 +189,35 @@ def test_sd_teacher_must_give_sd_shaped_latents(tmp_path, image_folder):
     args = ["distill", str(image_folder), "--out", str(tmp_path / "y.safetensors"), *SMALL, "--steps", "1"]
     line = one_error_line(runner.invoke(app, [*args, "--crop", "32", "--teacher", str(tmp_path / "flat")]))
     assert "not an SD VAE" in line
+
+
+def test_stages_train_one_half_and_keep_the_other(tmp_path, image_folder, tiles):
+    """--stage encoder leaves the decoder as --init-from had it; --stage decoder the encoder, and it
+    trains on the latents its files hold (so its round trip improves)."""
+    from hybrid_codec.codec import Codec
+    from hybrid_codec.distill import distill
+    from hybrid_codec.options import DistillOptions, sd_config
+
+    common = dict(data_dir=image_folder, teacher_latents=tiles, holdout=1, batch_size=4, crop=32, lr=5e-3)
+    common.update(warmup=2, ema=0.0, device="cpu", model=sd_config(encoder_hidden=4, decoder_hidden=4))
+    first = distill(DistillOptions(out=tmp_path / "a.safetensors", steps=4, **common), log=lambda m: None)
+    start = Autoencoder.from_pretrained(first.out)
+
+    enc = DistillOptions(out=tmp_path / "e.safetensors", steps=4, stage="encoder", init_from=first.out, **common)
+    encoder_only = Autoencoder.from_pretrained(distill(enc, log=lambda m: None).out)
+    for name, value in start.decoder.state_dict().items():
+        assert torch.equal(value, encoder_only.decoder.state_dict()[name]), name
+    assert not torch.equal(start.encoder.conv.similar_conv.weight, encoder_only.encoder.conv.similar_conv.weight)
+
+    dec = DistillOptions(out=tmp_path / "d.safetensors", steps=30, stage="decoder", init_from=enc.out, **common)
+    dec.decoder_min_scale = 0.5
+    decoder_only = Autoencoder.from_pretrained(distill(dec, log=lambda m: None).out)
+    for name, value in encoder_only.encoder.state_dict().items():
+        assert torch.equal(value, decoder_only.encoder.state_dict()[name]), name
+    image = torch.from_numpy(np.array(Image.open(image_folder / "img0.png").convert("RGB"))).permute(2, 0, 1)
+    before, after = (Codec(m).roundtrip_tensor(image[None]) for m in (encoder_only, decoder_only))
+    target = image[None].float() / 255
+    assert F.mse_loss(after, target) < F.mse_loss(before, target)
+
+    args = ["distill", str(image_folder), "--out", str(tmp_path / "x.safetensors"), *SMALL, "--stage", "decoder"]
+    assert "--init-from" in one_error_line(runner.invoke(app, [*args, "--teacher-latents", str(tiles)]))

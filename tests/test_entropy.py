@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hybrid_codec import entropy, load_codec
-from hybrid_codec.bitstream import HEADER_BYTES, Latent, Packed, read, unpack
+from hybrid_codec.bitstream import Latent, read
+from hybrid_codec.compact import HEADER_BYTES, Packed, unpack
 from hybrid_codec.errors import CodecError
 from hybrid_codec.levels import QualityLevels, export_levels
 
@@ -160,7 +161,7 @@ def test_header_fields_refused_by_name_even_with_a_matching_checksum(photo):
     import struct
     import zlib
 
-    from hybrid_codec.bitstream import HEADER
+    from hybrid_codec.compact import HEADER
 
     data = photo.compress(smooth_image(24, 24), quality=1)
     payload = data[HEADER_BYTES:]
@@ -215,7 +216,7 @@ def test_a_forged_payload_with_a_valid_checksum_decodes_or_is_refused_never_cras
     import struct
     import zlib
 
-    from hybrid_codec.bitstream import HEADER
+    from hybrid_codec.compact import HEADER
 
     data = photo.compress(smooth_image(40, 50), quality=5)
     header, payload = data[: HEADER.size], data[HEADER_BYTES:]

@@ -15,8 +15,9 @@ import torch
 from conftest import TINY
 from PIL import Image
 
-from hybrid_codec.bitstream import FORMAT, MAX_LATENT_VALUES, VERSION, Latent
+from hybrid_codec.bitstream import FORMAT, VERSION, Latent
 from hybrid_codec.codec import Codec
+from hybrid_codec.compact import MAX_LATENT_VALUES
 from hybrid_codec.errors import CodecError
 from hybrid_codec.models import Autoencoder
 from hybrid_codec.quantize import LEVELS, dequantize, fake_quantize, quantize

@@ -1,4 +1,5 @@
-"""HybridDense and DynamicConv: the vectorized layer against the per-channel loop, gradients, shapes."""
+"""The layers against literal references: HybridDense and DynamicConv against the per-channel loop,
+DyConv2d (DY-CNN) and DyNetConv2d (DyNet) against one image at a time; gradients, shapes, temperature."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import torch.nn.functional as F
 from loop_reference import loop_dynamic_conv, predictors
 from torch import nn
 
-from hybrid_codec.layers import POWER_RANGE, DynamicConv, GroupedBatchNorm, HybridDense, hybrid_activation
+from hybrid_codec.layers import (
+    POWER_RANGE,
+    DyConv2d,
+    DynamicConv,
+    DyNetConv2d,
+    GroupedBatchNorm,
+    HybridDense,
+    anneal_temperature,
+    hybrid_activation,
+)
 from hybrid_codec.layers import _HybridActivation as HybridActivation
 
 LOW, HIGH = POWER_RANGE
@@ -335,3 +345,140 @@ def test_hybrid_dense_nan_input_gives_zero_not_nan():
     x = torch.tensor([[float("nan"), 0.0, 1.0]], dtype=torch.float64)
     out = dense(x)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------- DY-CNN and DyNet
+
+
+def literal_dy_conv(layer: DyConv2d | DyNetConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Each sample on its own, as the papers write it: attention from its pooled input, one kernel, one conv."""
+    outputs = []
+    for sample in x.split(1):
+        logits = layer.attention(sample.mean((2, 3)))[0]
+        if isinstance(layer, DyConv2d):  # pi_k for the whole kernel
+            pi = torch.softmax(logits / layer.temperature, 0)
+            weight = sum(pi[k] * layer.weight[k] for k in range(layer.K))
+            bias = None if layer.bias is None else sum(pi[k] * layer.bias[k] for k in range(layer.K))
+        else:  # pi[o, k] per output channel
+            pi = torch.softmax(logits.view(layer.out_channels, layer.K) / layer.temperature, 1)
+            weight = torch.stack(
+                [sum(pi[o, k] * layer.weight[k, o] for k in range(layer.K)) for o in range(layer.out_channels)]
+            )
+            bias = None
+            if layer.bias is not None:
+                bias = torch.stack(
+                    [sum(pi[o, k] * layer.bias[k, o] for k in range(layer.K)) for o in range(layer.out_channels)]
+                )
+        outputs.append(F.conv2d(sample, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups))
+    return torch.cat(outputs)
+
+
+def random_dy(cls, in_ch, out_ch, k, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = cls(in_ch, out_ch, k, **kwargs).double()
+    with torch.no_grad():  # attention far from uniform, so that a wrong mixture shows
+        for p in layer.attention.parameters():
+            p.normal_(0, 1.5)
+    return layer
+
+
+# (in, out, kernel, keyword arguments, input H, W)
+DY_GEOMETRIES = [
+    pytest.param(3, 4, 8, {"stride": 8}, 16, 24, id="encoder-k8-s8"),
+    pytest.param(4, 12, 3, {"padding": "same"}, 5, 7, id="decoder-k3-same"),
+    pytest.param(4, 6, 3, {"stride": 2, "padding": 2, "dilation": 2}, 11, 9, id="k3-s2-d2"),
+    pytest.param(6, 4, 3, {"padding": 1, "groups": 2, "K": 3}, 6, 5, id="groups2-K3"),
+    pytest.param(4, 8, 1, {"groups": 4, "bias": False, "reduction": 2, "K": 2}, 4, 3, id="k1-depthwise-nobias"),
+]
+
+
+@pytest.mark.parametrize("cls", [DyConv2d, DyNetConv2d])
+@pytest.mark.parametrize("temperature", [1.0, 7.0])
+@pytest.mark.parametrize("in_ch,out_ch,k,kwargs,height,width", DY_GEOMETRIES)
+def test_dy_convs_match_per_sample_reference(cls, temperature, in_ch, out_ch, k, kwargs, height, width):
+    layer = random_dy(cls, in_ch, out_ch, k, temperature=temperature, **kwargs)
+    x = torch.randn(3, in_ch, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = literal_dy_conv(layer, x)
+    pad = k // 2 if kwargs.get("padding") == "same" else kwargs.get("padding", 0)
+    geometry = {key: v for key, v in kwargs.items() if key not in ("K", "reduction")}
+    conv = nn.Conv2d(in_ch, out_ch, k, **{**geometry, "padding": pad})
+    assert expected.shape == conv(x.float()).shape  # the nn.Conv2d signature and output size
+    for training in (True, False):  # DyNet: fused outputs in training, the fused kernel in eval
+        got = layer.train(training)(x)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_dy_samples_get_their_own_kernels():
+    """Guards the test above: the samples of a batch get different kernels, each its own alone."""
+    for cls in (DyConv2d, DyNetConv2d):
+        layer = random_dy(cls, 4, 6, 3, padding=1)
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        pi = layer.attend(x)
+        assert (pi[0] - pi[1]).abs().max() > 1e-2
+        torch.testing.assert_close(layer(x)[1:], layer(x[1:]))  # a sample's output does not see the batch
+
+
+@pytest.mark.parametrize("cls", [DyConv2d, DyNetConv2d])
+def test_dy_conv_with_one_kernel_is_conv2d(cls):
+    layer = cls(3, 5, 3, padding=1, K=1)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(layer.weight[0])
+        conv.bias.copy_(layer.bias[0])
+    x = torch.rand(2, 3, 6, 7)
+    torch.testing.assert_close(layer(x), conv(x))
+
+
+@pytest.mark.parametrize("cls", [DyConv2d, DyNetConv2d])
+def test_high_temperature_makes_attention_near_uniform(cls):
+    layer = random_dy(cls, 4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    assert (layer.attend(x) - 1 / layer.K).abs().max() > 0.1
+    layer.temperature = 30.0
+    assert (layer.attend(x) - 1 / layer.K).abs().max() < 0.05
+    assert torch.allclose(layer.attend(x).sum(-1), torch.ones(()).double())
+
+
+@pytest.mark.parametrize("cls", [DyConv2d, DyNetConv2d])
+def test_every_dy_parameter_gets_a_gradient(cls):
+    layer = random_dy(cls, 4, 6, 3, padding=1).train()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [DyConv2d, DyNetConv2d])
+def test_dy_conv_refuses_groups_that_do_not_divide(cls):
+    with pytest.raises(ValueError, match="groups"):
+        cls(4, 6, 3, groups=4)
+    with pytest.raises(ValueError, match="same"):
+        cls(4, 6, 3, stride=2, padding="same")
+
+
+def test_dynet_training_and_eval_paths_have_the_same_gradients():
+    layer = random_dy(DyNetConv2d, 4, 6, 3, stride=2, padding=1, groups=2)
+    x = torch.randn(3, 4, 9, 7, dtype=torch.float64)
+    grads = []
+    for mode in (layer.train, layer.eval):
+        mode()
+        layer.zero_grad()
+        layer(x).sin().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_attention_width_never_below_k():
+    layer = DyConv2d(3, 4, 8, stride=8, K=4, reduction=4)
+    assert layer.attention[0].out_features == 4
+    assert DyConv2d(64, 4, 1, reduction=4).attention[0].out_features == 16
+
+
+def test_temperature_anneals_linearly_from_30_to_1_then_stays():
+    model = nn.Sequential(DyConv2d(3, 4, 3), nn.ReLU(), DyNetConv2d(4, 4, 1), DynamicConv(4, 4, 1))
+    seen = [anneal_temperature(model, step, 100) for step in (0, 50, 100, 5000)]
+    assert seen == [30.0, 15.5, 1.0, 1.0]
+    assert model[0].temperature == model[2].temperature == 1.0
+    assert anneal_temperature(model, 0, 0) == 1.0  # no schedule: inference's temperature throughout

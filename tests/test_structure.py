@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import numpy as np
+
 PACKAGE = Path(__file__).resolve().parent.parent / "hybrid_codec"
 
 
@@ -68,3 +70,30 @@ def test_nothing_imports_the_cli():
 def test_reading_latent_files_needs_no_model_and_no_kernel():
     below = reachable(graph(), "bitstream")
     assert not below & {"models", "layers", "fast", "codec"}, below
+
+
+def test_the_compact_reader_needs_no_torch(tmp_path):
+    """A runtime with the exported ONNX decoder reads `.hyb` files with numpy and constriction alone."""
+    import subprocess
+    import sys
+
+    assert reachable(graph(), "compact") <= {"entropy", "errors"}
+    from hybrid_codec import load_codec
+
+    codec = load_codec("photo", device="cpu")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (21, 35, 3), dtype=np.uint8)
+    (tmp_path / "x.hyb").write_bytes(codec.compress(pixels, quality=3))
+    np.save(tmp_path / "codes.npy", codec.encode(pixels, quality=3).codes.numpy())
+    np.save(tmp_path / "tables.npy", codec.levels.tables[2].numpy())
+    script = (
+        "import sys, numpy as np\n"
+        "from hybrid_codec import compact\n"
+        "from hybrid_codec.entropy import EntropyCoder\n"
+        "packed = compact.unpack(open('x.hyb', 'rb').read())\n"
+        "codes = packed.codes(EntropyCoder(np.load('tables.npy')), channels=4)\n"
+        "assert (codes == np.load('codes.npy')).all() and packed.level == 3\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

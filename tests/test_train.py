@@ -25,6 +25,7 @@ from hybrid_codec import train as train_module
 from hybrid_codec.cli import app
 from hybrid_codec.data import RandomCrops, usable_images
 from hybrid_codec.errors import CodecError
+from hybrid_codec.layers import DyConv2d
 from hybrid_codec.models import Autoencoder
 from hybrid_codec.options import TrainOptions
 from hybrid_codec.train import reconstruction_loss, train
@@ -323,6 +324,7 @@ def test_lr_schedule_warms_up_then_decays():
         ({"ema": 1.0}, "--ema"),
         ({"min_scale": 0.0}, "--min-scale"),
         ({"workers": -1}, "--workers"),
+        ({"temperature_steps": -1}, "--temperature-steps"),
         ({"device": "xpu"}, "unknown device"),
     ],
 )
@@ -434,3 +436,19 @@ def test_quality_levels_train_with_a_rate_term_and_resume(image_folder, tmp_path
 def test_bad_lambdas_are_refused(image_folder, tmp_path, lambdas):
     with pytest.raises(CodecError, match="--lambdas"):
         train(options(image_folder, tmp_path / "w.safetensors", lambdas=lambdas), **QUIET)
+
+
+def test_the_loop_anneals_the_attention_temperature_and_exports_it_at_1(image_folder, tmp_path, monkeypatch):
+    seen, loss = [], train_module.Photos.loss
+
+    def spy(self, net, batch, step):
+        seen.append([m.temperature for m in net.modules() if isinstance(m, DyConv2d)])
+        return loss(self, net, batch, step)
+
+    monkeypatch.setattr(train_module.Photos, "loss", spy)
+    model = dataclasses.replace(TINY, family="dycnn", encoder_hidden=2, decoder_hidden=2)
+    out = tmp_path / "dy.safetensors"
+    train(options(image_folder, out, steps=6, checkpoint_every=6, temperature_steps=4, model=model), **QUIET)
+    assert [set(layers) for layers in seen] == [{t} for t in (30.0, 22.75, 15.5, 8.25, 1.0, 1.0)]  # every layer alike
+    exported = {m.temperature for m in Autoencoder.from_pretrained(out).modules() if isinstance(m, DyConv2d)}
+    assert exported == {1.0}
