@@ -24,7 +24,8 @@ MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights; the shipped models ho
 
 
 def parameter_count(c: CodecConfig) -> int:
-    """About how many weights the config's two DynamicConv layers hold (predictors and similar_conv)."""
+    """About how many weights the config's encoder and decoder hold: the hybrid family's DynamicConv
+    predictors and similar_conv, which is also a bound for the other families at the same sizes."""
 
     def layer(out_channels: int, patch: int, hidden: int) -> int:
         return out_channels * (2 * patch * hidden + hidden * hidden + 16 * hidden + 2 * patch + 1)

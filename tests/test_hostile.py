@@ -886,6 +886,7 @@ SIZES = st.integers(-5, 10) | st.integers(0, 10**13)
             "decoder_hidden": SIZES,
             "decoder_kernel": SIZES,
             "quality_levels": SIZES,
+            "family": st.sampled_from(["hybrid", "dycnn", "dynet", "conv"]),
         },
     )
 )
