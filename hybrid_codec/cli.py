@@ -422,10 +422,10 @@ def eval_(
             soft_wrap=True,
         )
     if json_out:
-        rd.write_json(json_out, points, rows, found)
+        rd.write_json(json_out, points, rows, found, overwrite=force)
         stdout.print(f"wrote {json_out}", soft_wrap=True)
     if plot:
-        rd.plot(plot, rows, title=f"{folder.name}: {count} images")
+        rd.plot(plot, rows, title=f"{folder.name}: {count} images", overwrite=force)
         stdout.print(f"wrote {plot}", soft_wrap=True)
 
 
