@@ -60,9 +60,11 @@ def main() -> int:
         state = torch.load(args.runs / f"{family}.ckpt", map_location="cpu", weights_only=True)
         ms = [float(np.median([getattr(r, f"{kind}_ms") for r in rows[family]])) for kind in ("encode", "decode")]
         cells = [f"{v:.2f}" if math.isfinite(v := psnr_at(rows[family], r)) else "n/a" for r in rates]
-        cells += (
-            ["0 (anchor)", "0 (anchor)"] if delta is None else [f"{delta.bd_rate:+.1f}%", f"{delta.bd_psnr:+.2f} dB"]
-        )
+        if delta is None:
+            cells += ["0 (anchor)", "0 (anchor)"]
+        else:  # BD-rate needs a common PSNR range, BD-PSNR a common rate range
+            rate = f"{delta.bd_rate:+.1f}%" if math.isfinite(delta.bd_rate) else "n/a (no common PSNR)"
+            cells += [rate, f"{delta.bd_psnr:+.2f} dB" if math.isfinite(delta.bd_psnr) else "n/a"]
         cells += [f"{v:.1f}" for v in ms]
         cells += [f"{weights_bytes(model.encoder) / 1000:.1f}", f"{weights_bytes(model.decoder) / 1000:.1f}"]
         cells += [str(state["step"]), f"{state['seconds'] / 60:.1f}"]
