@@ -443,6 +443,32 @@ def demo(
     serve(port, model, device, host, ready=lambda url: stdout.print(f"demo at {url} (Ctrl+C stops it)", soft_wrap=True))
 
 
+@app.command()
+@reports_errors
+def export(
+    model: Annotated[str, typer.Argument(help="Shipped model name (photo, native, sd) or a weights file.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for encoder.onnx, decoder.onnx and runtime.json.")],
+    force: ForceOption = False,
+) -> None:
+    """Export a model to ONNX (dynamic batch and size) with runtime.json: ranges, layouts, levels' steps and tables."""
+    from .info import human_bytes
+    from .onnx_export import export as export_model
+    from .onnx_export import max_difference
+
+    runtime = export_model(model, out, force)
+    for name in (runtime["encoder"]["file"], runtime["decoder"]["file"], "runtime.json"):
+        stdout.print(f"{out / name} ({human_bytes((out / name).stat().st_size)})", soft_wrap=True)
+    stdout.print(f"model {runtime['model']} (weights {runtime['weights']}), opset {runtime['opset']}", soft_wrap=True)
+    differences = max_difference(out, model)
+    if differences is None:
+        stdout.print("onnxruntime is not installed: the graphs were not run", soft_wrap=True)
+    else:
+        stdout.print(
+            f"onnxruntime against PyTorch: encoder within {differences[0]:.1e}, decoder within {differences[1]:.1e}",
+            soft_wrap=True,
+        )
+
+
 def recipe_command(options_class: type, model_fields: tuple[str, ...]):
     """A typer command whose flags are the recipe's option fields (declared once, with their help) and
     the model config's `model_fields`; the decorated function takes the built options object."""
