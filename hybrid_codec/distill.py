@@ -17,6 +17,7 @@ checkpoints, EMA and step sampling are the loop's (`training.fit`).
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from PIL import Image
 from .data import RandomCrops, usable_images
 from .errors import CodecError
 from .images import open_image, pixels_to_tensor
+from .inputs import read_input
 from .metrics import psnr
 from .models import Autoencoder, CodecConfig
 from .options import DistillOptions
@@ -100,8 +102,8 @@ def find_tiles(latent_dir: Path, images: list[Path], warn: Callable[[str], None]
 
 def _load_target(tile: Tile, image: np.ndarray, channels: int, factor: int) -> np.ndarray:
     try:
-        latent = np.load(tile.latent, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        latent = np.load(io.BytesIO(read_input(tile.latent, "teacher latent")), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
         raise CodecError(f"{tile.latent}: not a readable .npy array ({exc})") from None
     if latent.ndim != 3 or latent.shape[0] != channels or not np.issubdtype(latent.dtype, np.floating):
         raise CodecError(f"{tile.latent}: expected a float array ({channels}, h, w), got {latent.dtype} {latent.shape}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,24 +62,48 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
         raise CodecError(f"{path}: corrupt or truncated image ({reason})") from None
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """File descriptor 2 sent to a scratch file for the duration: C libraries (libtiff) write there directly."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable stderr: nothing to keep quiet
-        yield
-        return
-    try:
-        with tempfile.TemporaryFile() as scratch:
-            os.dup2(scratch.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
+class _QuietStderr:
+    """File descriptor 2 sent to /dev/null while any thread is inside: C libraries (libtiff) write there
+    directly. Counted, so that threads decoding at once (the demo's) restore the real stderr once, last."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved: int | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                try:
+                    sys.stderr.flush()
+                    saved = os.dup(2)
+                except (OSError, ValueError):  # no usable stderr: nothing to keep quiet
+                    saved = None
+                if saved is not None:
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(null, 2)
+                    os.close(null)
+                self.saved = saved
+            self.depth += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0 and self.saved is not None:
+                os.dup2(self.saved, 2)
+                os.close(self.saved)
+                self.saved = None
+
+
+quiet_stderr = _QuietStderr()
 
 
 @contextlib.contextmanager

@@ -562,6 +562,30 @@ def test_a_truncated_image_is_one_line_and_nothing_else(work, scratch, capfd, ki
     assert capfd.readouterr().err == ""  # no line of Pillow's or libtiff's own
 
 
+def test_threads_keeping_libtiff_quiet_give_stderr_back(scratch):
+    """Decoders in several threads at once (the demo's): stderr is quiet while any is inside, and
+    the real one is back once the last leaves, not a scratch file of another thread."""
+    import time
+
+    from hybrid_codec.images import quiet_stderr
+
+    before = os.fstat(2)
+    barrier = threading.Barrier(6)
+
+    def decode(i: int) -> None:
+        barrier.wait()
+        with quiet_stderr():
+            time.sleep(0.01 * (i % 3))
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
 @pytest.mark.parametrize("data", [b"", b"hello", b"\x89PNG\r\n\x1a\n"], ids=["empty", "text", "magic only"])
 def test_not_an_image(work, scratch, data):
     (scratch / "x.png").write_bytes(data)
