@@ -116,3 +116,25 @@ def test_the_demo_page_builds_for_a_model_without_quality_levels(tmp_path):
     from hybrid_codec.demo import Demo, build
 
     assert build(Demo("native", "cpu", tmp_path / "files")) is not None  # Gradio refused its 1..1 slider
+
+
+def test_a_damaged_part_is_refused_before_any_image_is_encoded(tmp_path, monkeypatch):
+    import io
+    import json
+
+    from hybrid_codec.sd_dataset import _settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(smooth_image(32, 32)).save(tmp_path / "imgs" / f"{name}.png")
+    parts = tmp_path / ".out.safetensors.parts"
+    parts.mkdir()
+    (parts / "sd-latents.json").write_text(json.dumps(_settings("sd", True, "cpu"), indent=1, sort_keys=True))
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((4, 4, 4), np.float32))
+    (parts / "a.npy").write_bytes(buffer.getvalue()[:-8])  # cut short by a crash or a full disk
+    result = CliRunner().invoke(app, ["sd-latents", "imgs", "--out", "out.safetensors", "--device", "cpu"])
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 1 and len(lines) == 1 and "a truncated latent part" in lines[0], result.stderr
+    assert sorted(os.listdir(parts)) == ["a.npy", "sd-latents.json"]  # b was not encoded first
