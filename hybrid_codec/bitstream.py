@@ -99,6 +99,12 @@ class Latent:
     def __post_init__(self) -> None:
         """Refuse what no file can hold: float or empty codes, a size its shape does not cover, odd steps."""
         codes = self.codes
+        named = isinstance(self.model, str) and isinstance(self.weights, str)
+        if not named or self.latent_space not in LATENT_SPACES:
+            raise CodecError(  # what `from_dict` refuses: a file written with them could not be read back
+                f"latent model and weights must be strings and its latent space one of {LATENT_SPACES}, not "
+                f"{self.model!r:.40}, {self.weights!r:.40}, {self.latent_space!r:.40}"
+            )
         if not isinstance(codes, torch.Tensor) or codes.device.type == "meta":
             raise CodecError(f"latent codes must be a tensor with data, not {type(codes).__name__} {codes!r:.40}")
         if codes.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):

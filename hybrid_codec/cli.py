@@ -390,7 +390,7 @@ def eval_(
     classics = tuple(name.strip() for name in classic.split(",") if name.strip())
     codec = load_codec(model, device)
     rd.jobs(codec, classics)  # an unknown codec name is one error before any image
-    count = len(find_images(folder)) if folder.is_dir() else 0
+    count = len(find_images(folder))  # a missing folder is one line, before the progress bar
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=count)
         points = rd.evaluate(folder, codec, classics, advance=lambda: progress.advance(task))

@@ -18,6 +18,7 @@ from PIL import Image
 from . import bitstream, compact
 from .bitstream import Latent
 from .compact import Packed
+from .entropy import CODE_LIMIT
 from .errors import CodecError
 from .fast import FastAutoencoder
 from .images import ImageLike, check_size, image_to_pixels, open_image, rgb_array, tensor_to_image, to_rgb
@@ -95,8 +96,11 @@ class Codec:
         """
         if not isinstance(images, torch.Tensor) or images.device.type == "meta" or images.dim() != 4:
             raise CodecError("expected an image tensor (B, 3, H, W) with data")
+        if images.shape[1] != 3:
+            raise CodecError(f"expected an image tensor (B, 3, H, W), got {tuple(images.shape)}")
         f = self.config.downscale
         height, width = images.shape[-2:]
+        check_size(width, height, max_pixels=self.max_pixels)
         pad_h, pad_w = -height % f, -width % f
         images = images.to(self.device, torch.uint8 if images.dtype == torch.uint8 else torch.float32)
         if pad_h or pad_w:
@@ -110,6 +114,8 @@ class Codec:
             raise CodecError(f"expected a latent tensor with data, not {type(latents).__name__}")
         if latents.dim() != 4 or latents.shape[1] != self.config.latent_channels or not latents.numel():
             raise CodecError(f"expected latents (B, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}")
+        f, (h, w) = self.config.downscale, latents.shape[2:]  # the smallest image such latents code:
+        check_size(f * (w - 1) + 1, f * (h - 1) + 1, "latents' image", max_pixels=self.max_pixels)
         if not torch.isfinite(latents).all():
             raise CodecError("the latents hold NaN or infinite values")
         return self.fast.decode(latents.to(self.device, torch.float32))
@@ -208,6 +214,10 @@ class Codec:
         if latent.level is None:
             return latent.to_bytes()
         self.check(latent)
+        if self.levels is None or latent.level > self.quality_levels:
+            raise CodecError(f"quality level {latent.level} does not exist in model {self.name!r}")
+        if latent.codes.numel() and int(latent.codes.abs().max()) > CODE_LIMIT:
+            raise CodecError(f"latent codes must lie within +-{CODE_LIMIT} to be entropy-coded")
         payload = self.levels.coder(latent.level).compress(latent.codes.numpy())
         return compact.pack(self.weights_hash, latent.level, latent.height, latent.width, payload)
 

@@ -282,9 +282,9 @@ def build(demo: Demo):
             with gr.Column():
                 model = gr.Radio(demo.choices, value=first, label="model", elem_id="model")
                 levels = demo.levels(first)
-                quality = gr.Slider(
+                quality = gr.Slider(  # Gradio refuses a slider whose maximum is its minimum: a model without levels
                     1,
-                    max(levels, 1),
+                    max(levels, 2),
                     value=min(6, levels) or 1,
                     step=1,
                     label="quality level",
@@ -310,7 +310,7 @@ def build(demo: Demo):
 
         def pick_model(model_name):
             count = demo.levels(model_name)
-            return gr.Slider(maximum=max(count, 1), value=min(6, count) or 1, interactive=count > 0)
+            return gr.Slider(maximum=max(count, 2), value=min(6, count) or 1, interactive=count > 0)
 
         upload.change(show, [upload, model, quality], outputs, trigger_mode="always_last")
         quality.change(show, [upload, model, quality], outputs, trigger_mode="always_last")

@@ -38,6 +38,8 @@ def check_input(path: str | os.PathLike, what: str = "file") -> Path:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise CodecError(f"{path}: no such {what}") from None
         raise CodecError(f"{path}: cannot read ({os_reason(exc)})") from None
+    except ValueError:  # an embedded NUL byte
+        raise CodecError(f"{str(path)!r}: not a usable file name") from None
     if stat.S_ISDIR(info.st_mode):
         raise CodecError(f"{path}: is a folder, not a {what}")
     if not stat.S_ISREG(info.st_mode):

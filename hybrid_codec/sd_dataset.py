@@ -84,7 +84,13 @@ class _NpyFolder:
             write_atomic(manifest, json.dumps(settings, indent=1, sort_keys=True).encode())
 
     def has(self, key: str) -> bool:
-        return (self.folder / _npy_name(key)).is_file()
+        """Whether `key`'s latent is done; a part whose header is damaged is an error now, before any image
+        is encoded (its data is read, and checked, when the file is assembled)."""
+        path = self.folder / _npy_name(key)
+        if not path.is_file():
+            return False
+        check_part_header(path)
+        return True
 
     def put(self, key: str, latent: torch.Tensor) -> None:
         path = self.folder / _npy_name(key)
@@ -95,6 +101,27 @@ class _NpyFolder:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for path in sorted(self.folder.rglob("*.npy")):
             yield path.relative_to(self.folder).as_posix(), torch.from_numpy(read_part(path))
+
+
+def check_part_header(path: Path) -> None:
+    """A part's .npy header says (4, h, w) float32 and its size fits: without reading the data."""
+    try:
+        with open_input(path, "latent part") as f:
+            version = np.lib.format.read_magic(f)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in header:
+                raise ValueError(f".npy format {version}, not what numpy.save writes")
+            shape, fortran, dtype = header[version](f)  # a bounded header: numpy refuses one over 10,000 bytes
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    except CodecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, EOFError, OSError... for damaged headers
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CodecError(f"{path}: a damaged latent part ({reason}); use --restart") from None
+    if dtype != np.float32 or len(shape) != 3 or shape[0] != 4 or fortran:
+        raise CodecError(f"{path}: not a (4, h, w) float32 latent part ({dtype} {list(shape)}); use --restart")
+    if data_bytes != 4 * shape[0] * shape[1] * shape[2]:
+        raise CodecError(f"{path}: a truncated latent part ({data_bytes} data bytes for {list(shape)}); use --restart")
 
 
 def read_part(path: Path) -> np.ndarray:

@@ -298,6 +298,11 @@ class FitResult:
     checkpoint: Path | None = None  # the run's checkpoint, which stays: --resume with a higher --steps goes on
 
 
+MAX_BATCH_BYTES = 1 << 30
+"""Largest batch of float32 crops a step may take (`--batch-size` x `--crop`^2 x 3 x 4 bytes); the
+model's activations are several times that. The recipes' defaults take 1.5 to 3 MB."""
+
+
 def check_loop_options(opts: LoopOptions) -> None:
     """Refuse loop settings that cannot work, with the option's name, before anything starts."""
     from .runtime import check_device
@@ -311,7 +316,7 @@ def check_loop_options(opts: LoopOptions) -> None:
         if value < 1:
             raise CodecError(f"--{name} must be at least 1, not {value}")
     for name, value in {"warmup": opts.warmup, "workers": opts.workers, "max-minutes": opts.max_minutes}.items():
-        if value < 0:
+        if not value >= 0:  # NaN too
             raise CodecError(f"--{name} must not be negative, not {value}")
     if not (math.isfinite(opts.lr) and opts.lr > 0):
         raise CodecError(f"--lr must be a positive number, not {opts.lr}")
@@ -321,10 +326,18 @@ def check_loop_options(opts: LoopOptions) -> None:
         raise CodecError(f"--temperature-steps must not be negative, not {opts.temperature_steps}")
     if not (math.isfinite(opts.clip) and opts.clip >= 0):
         raise CodecError(f"--clip must be 0 (off) or positive, not {opts.clip}")
+    if not 0 <= opts.seed < 2**32:  # numpy's generators take no negative seed, torch's none past 64 bits
+        raise CodecError(f"--seed must be from 0 to {2**32 - 1}, not {opts.seed}")
+    batch_bytes = opts.batch_size * opts.crop**2 * 3 * 4
+    if batch_bytes > MAX_BATCH_BYTES:  # before a worker allocates it: a huge batch grew until the kernel killed it
+        raise CodecError(
+            f"--batch-size {opts.batch_size} of --crop {opts.crop} crops is {batch_bytes / 2**30:,.1f} GiB of pixels "
+            f"a step (at most {MAX_BATCH_BYTES / 2**30:g} GiB)"
+        )
     check_device(str(opts.device))
     if opts.resume is None and not opts.force:
         for existing in (opts.out, opts.checkpoint):
-            if existing.exists():
+            if os.path.lexists(existing):  # a dangling symlink too: writing would replace it
                 raise CodecError(
                     f"{existing} exists; --resume {opts.checkpoint} to continue that run, or --force to start afresh"
                 )
