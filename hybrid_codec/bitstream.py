@@ -46,6 +46,7 @@ from isal import isal_zlib
 from .compact import MAGIC, MAX_LATENT_VALUES, Packed, unpack
 from .config import LATENT_SPACES
 from .errors import CodecError
+from .inputs import read_input
 from .paths import write_atomic
 from .quantize import dequantize
 
@@ -53,6 +54,7 @@ FORMAT = "hybrid-codec-latent"
 VERSION = 1  # 8-bit min/max codes
 LEVEL_VERSION = 2  # a quality level's integer codes
 CODINGS = ("deflate-delta",)
+MAX_LATENT_FILE_BYTES = MAX_LATENT_VALUES * 4  # more than 2 bytes a value: not a file this writes
 
 
 def _encode_codes(codes: np.ndarray) -> bytes:
@@ -93,6 +95,34 @@ class Latent:
     weights: str
     latent_space: str = "native"
     level: int | None = None  # the quality level (1 = smallest file), or None for 8-bit min/max codes
+
+    def __post_init__(self) -> None:
+        """Refuse what no file can hold: float or empty codes, a size its shape does not cover, odd steps."""
+        codes = self.codes
+        if not isinstance(codes, torch.Tensor) or codes.device.type == "meta":
+            raise CodecError(f"latent codes must be a tensor with data, not {type(codes).__name__} {codes!r:.40}")
+        if codes.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
+            raise CodecError(f"latent codes must be integers (uint8, or int16/int32 for a level), not {codes.dtype}")
+        if self.level is None and codes.dtype != torch.uint8:
+            raise CodecError(f"8-bit latent codes must be uint8, not {codes.dtype}")
+        for name in ("height", "width"):
+            if type(getattr(self, name)) is not int:
+                raise CodecError(f"latent {name} must be an integer, not {getattr(self, name)!r}")
+        if codes.dim() != 3:
+            raise CodecError(f"latent codes must be (C, h, w), not {tuple(codes.shape)}")
+        check_shape(list(codes.shape), self.height, self.width)
+        for name in ("low", "step"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.device.type == "meta" or value.shape != codes.shape[:1]:
+                raise CodecError(f"latent {name} must be a ({codes.shape[0]},) tensor")
+            if not torch.isfinite(value).all():
+                raise CodecError(f"latent {name} holds NaN or infinite values")
+        if not (self.step > 0).all():
+            raise CodecError("latent step must be positive")
+        if self.level is not None and (type(self.level) is not int or not 1 <= self.level <= 255):
+            raise CodecError(f"latent level must be an integer from 1 to 255, not {self.level!r}")
+        if self.level is not None and codes.numel() and codes.abs().max() > 32767:
+            raise CodecError("latent codes of a level must fit in 16 bits")
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.codes.shape))
@@ -236,13 +266,6 @@ def read(data: bytes, where: str = "latent") -> Latent | Packed:
 
 def read_file(path: str | os.PathLike) -> Latent | Packed:
     """`read` of a file, with one clear error for a missing, unreadable or folder path."""
-    path = Path(path)
-    if not path.exists():
-        raise CodecError(f"{path}: no such file")
-    if path.is_dir():
-        raise CodecError(f"{path}: is a folder, not a latent file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CodecError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return read(data, where=str(path))
+    if not isinstance(path, str | os.PathLike):
+        raise CodecError(f"cannot read a latent from a {type(path).__name__}: give a Latent, bytes or a path")
+    return read(read_input(path, "file", MAX_LATENT_FILE_BYTES), where=str(path))

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .options import MODEL_FIELD_HELP, DistillOptions, TrainOptions, model_name_for, option_info
 
@@ -34,11 +35,30 @@ class PlainUsage(typer.core.TyperCommand):
         return plain_flag(super().get_help_option(ctx))
 
 
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+"""click's base error, wherever this typer keeps click (a vendored copy or the package)."""
+
+
 class PlainGroup(typer.core.TyperGroup):
-    """The top-level help shows `--help` as a flag too."""
+    """The top-level help shows `--help` as a flag too, and a usage error is one line, not click's box."""
 
     def get_help_option(self, ctx):
         return plain_flag(super().get_help_option(ctx))
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except CLICK_ERROR as exc:  # a bad option, a missing argument, an unreadable path
+            where = getattr(getattr(exc, "ctx", None), "command_path", None)
+            hint = f" (see {where} --help)" if where else ""
+            error_line(f"{exc.format_message()}{hint}")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            error_line("interrupted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def plain_flag(option):
@@ -62,8 +82,8 @@ app = CommandsApp(
     pretty_exceptions_enable=False,
     help="A tiny learned image codec: 48x smaller latents from one DynamicConv layer each way.",
 )
-stdout = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, markup=False)  # paths and messages are printed as they are: `[/]` is text
+err = Console(stderr=True, highlight=False, markup=False)
 
 ModelOption = Annotated[
     str | None,
@@ -129,8 +149,24 @@ def root(
     """A tiny learned image codec: 48x smaller latents from one DynamicConv layer each way."""
 
 
+def one_line(message: str) -> str:
+    """An error message as one line: a data-loader worker's copied traceback reduced to its last line."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        last = lines[-1]
+        name, sep, rest = last.partition(": ")
+        lines = [rest if sep and "." in name and " " not in name else last]
+    return " ".join(lines) or "failed"
+
+
+def error_line(message: str) -> None:
+    """The one way an error is shown: `error: ` and the message as plain text (no rich markup read from
+    it: a path holding `[/]` or `[draft]` is printed as it is)."""
+    err.print(Text.assemble(("error:", "bold red"), " ", one_line(message)), soft_wrap=True)
+
+
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    error_line(message)
     raise typer.Exit(1)
 
 
@@ -145,10 +181,13 @@ def reports_errors(command):
             return command(*args, **kwargs)
         except CodecError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (see `main`)
             fail("interrupted")
         except MemoryError:
             fail("out of memory: try a smaller image or batch")
+        except OSError as exc:  # a path the library did not check: still one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}")
 
     return wrapper
 
@@ -179,7 +218,7 @@ def encode(
     targets = output_paths(sources, output, suffix, force, file_suffixes)
 
     def one(source: Path, target: Path) -> str:
-        latent, size = encode_file(codec, source, target, quality)
+        latent, size = encode_file(codec, source, target, quality, overwrite=force)
         bpp = bits_per_pixel(size, latent.height, latent.width)
         level = f", quality {latent.level}" if latent.level is not None else ""
         return f"{source} -> {target} ({human_bytes(size)}, {bpp:.3f} bpp{level})"
@@ -221,7 +260,7 @@ def decode(
         codecs = Codecs(model, device, max_pixels)
 
         def one(source: Path, target: Path) -> str:
-            image = decode_file(codecs, source, target)
+            image = decode_file(codecs, source, target, overwrite=force)
             return f"{source} -> {target} ({image.width}x{image.height})"
     else:
         from .paths import save_image
@@ -231,7 +270,7 @@ def decode(
 
         def one(source: Path, target: Path) -> str:
             image = sd_decoder.decode(source)
-            save_image(image, target)
+            save_image(image, target, overwrite=force)
             return f"{source} -> {target} ({image.width}x{image.height}, {decoder} decoder)"
 
     run_each(sources, targets, one, "decoding")
@@ -258,11 +297,11 @@ def run_each(sources: list[Path], targets: list[Path], job, description: str) ->
                 stdout.print(job(source, target), soft_wrap=True)
             except CodecError as exc:
                 failures += 1
-                err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+                error_line(str(exc))
             progress.advance(task)
     if failures:
         if len(sources) > 1:
-            err.print(f"[bold red]error:[/] {failures} of {len(sources)} files failed", soft_wrap=True)
+            error_line(f"{failures} of {len(sources)} files failed")
         raise typer.Exit(1)
 
 
@@ -280,7 +319,7 @@ def info(
     from .info import describe, describe_runtime
 
     for label, value in (describe(path) if path is not None else describe_runtime()).items():
-        stdout.print(f"[bold]{label:>15}[/]  {value}", soft_wrap=True)
+        stdout.print(Text.assemble((f"{label:>15}", "bold"), f"  {value}"), soft_wrap=True)
 
 
 @app.command()
@@ -313,7 +352,7 @@ def roundtrip(
     )
     if target:
         caption = f"{result.psnr:.2f} dB, {result.bpp:.3f} bpp"
-        save_image(comparison(result.original, result.decoded, caption), target)
+        save_image(comparison(result.original, result.decoded, caption), target, overwrite=force)
         stdout.print(f"wrote {target}", soft_wrap=True)
 
 
@@ -383,10 +422,10 @@ def eval_(
             soft_wrap=True,
         )
     if json_out:
-        rd.write_json(json_out, points, rows, found)
+        rd.write_json(json_out, points, rows, found, overwrite=force)
         stdout.print(f"wrote {json_out}", soft_wrap=True)
     if plot:
-        rd.plot(plot, rows, title=f"{folder.name}: {count} images")
+        rd.plot(plot, rows, title=f"{folder.name}: {count} images", overwrite=force)
         stdout.print(f"wrote {plot}", soft_wrap=True)
 
 
@@ -402,6 +441,32 @@ def demo(
     from .demo import serve
 
     serve(port, model, device, host, ready=lambda url: stdout.print(f"demo at {url} (Ctrl+C stops it)", soft_wrap=True))
+
+
+@app.command()
+@reports_errors
+def export(
+    model: Annotated[str, typer.Argument(help="Shipped model name (photo, native, sd) or a weights file.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for encoder.onnx, decoder.onnx and runtime.json.")],
+    force: ForceOption = False,
+) -> None:
+    """Export a model to ONNX (dynamic batch and size) with runtime.json: ranges, layouts, levels' steps and tables."""
+    from .info import human_bytes
+    from .onnx_export import export as export_model
+    from .onnx_export import max_difference
+
+    runtime = export_model(model, out, force)
+    for name in (runtime["encoder"]["file"], runtime["decoder"]["file"], "runtime.json"):
+        stdout.print(f"{out / name} ({human_bytes((out / name).stat().st_size)})", soft_wrap=True)
+    stdout.print(f"model {runtime['model']} (weights {runtime['weights']}), opset {runtime['opset']}", soft_wrap=True)
+    differences = max_difference(out, model)
+    if differences is None:
+        stdout.print("onnxruntime is not installed: the graphs were not run", soft_wrap=True)
+    else:
+        stdout.print(
+            f"onnxruntime against PyTorch: encoder within {differences[0]:.1e}, decoder within {differences[1]:.1e}",
+            soft_wrap=True,
+        )
 
 
 def recipe_command(options_class: type, model_fields: tuple[str, ...]):
@@ -460,7 +525,7 @@ def recipe_command(options_class: type, model_fields: tuple[str, ...]):
 
 
 def _log(message: str) -> None:
-    err.print(f"[yellow]{message}[/]", soft_wrap=True)
+    err.print(Text(message, style="yellow"), soft_wrap=True)
 
 
 def resume_command(argv: list[str], checkpoint: Path) -> str:
@@ -565,7 +630,7 @@ def sd_latents(
     finally:
         progress.stop()
     for _source, message in job.failed:
-        err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        error_line(message)
     skipped = f", {job.skipped} already there" if job.skipped else ""
     stdout.print(f"wrote {job.done} latents to {job.out}{skipped}", soft_wrap=True)
     if job.manifest is not None:
@@ -601,10 +666,18 @@ def step_progress(description: str):
     return manager()
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C: every `finally` runs (a temporary file is removed, training says how to resume)."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
     from .runtime import keep_freed_memory
 
     keep_freed_memory()
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

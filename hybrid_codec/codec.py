@@ -48,10 +48,17 @@ class Codec:
         max_pixels: int | None = None,
         tile: int | None = TILE,
     ) -> None:
+        if not isinstance(model, Autoencoder):
+            raise CodecError(f"Codec needs an Autoencoder, not a {type(model).__name__}")
         if max_pixels is not None and (type(max_pixels) is not int or max_pixels < 1):
             raise CodecError(f"max_pixels must be a positive integer, not {max_pixels!r}")
         self.max_pixels = max_pixels
         self.tile = None if tile is None else check_tile(tile, model.config.downscale)
+        tensors = model.state_dict().values()
+        if any(t.device.type == "meta" for t in tensors):
+            raise CodecError("the model's weights are on the meta device: they hold no values")
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+            raise CodecError("the model's weights hold NaN or infinite values: its latents could not be decoded")
         if model.config.per_image_attention:
             self.tile = None
         self.device = torch.device(device)
@@ -86,6 +93,8 @@ class Codec:
 
         Sizes that are not multiples of 8 are padded by repeating the last row and column.
         """
+        if not isinstance(images, torch.Tensor) or images.device.type == "meta" or images.dim() != 4:
+            raise CodecError("expected an image tensor (B, 3, H, W) with data")
         f = self.config.downscale
         height, width = images.shape[-2:]
         pad_h, pad_w = -height % f, -width % f
@@ -97,7 +106,9 @@ class Codec:
     @torch.inference_mode()
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
         """Float latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1]."""
-        if latents.dim() != 4 or latents.shape[1] != self.config.latent_channels:
+        if not isinstance(latents, torch.Tensor) or latents.device.type == "meta":
+            raise CodecError(f"expected a latent tensor with data, not {type(latents).__name__}")
+        if latents.dim() != 4 or latents.shape[1] != self.config.latent_channels or not latents.numel():
             raise CodecError(f"expected latents (B, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}")
         if not torch.isfinite(latents).all():
             raise CodecError("the latents hold NaN or infinite values")
@@ -272,11 +283,14 @@ def load_codec(
     return Codec(Autoencoder.from_pretrained(path, device=chosen), device=chosen, max_pixels=max_pixels)
 
 
-def encode_file(codec: Codec, source: Path, target: Path, quality: int | None = None) -> tuple[Latent, int]:
-    """Encode one image file to a latent file (a `.pt` dict if `target` ends in .pt); the latent and its size."""
+def encode_file(
+    codec: Codec, source: Path, target: Path, quality: int | None = None, overwrite: bool = True
+) -> tuple[Latent, int]:
+    """Encode one image file to a latent file (a `.pt` dict if `target` ends in .pt); the latent and its size.
+    Without `overwrite`, a file at `target` (made meanwhile too) is an error, never replaced."""
     latent = codec.encode(open_image(source, codec.max_pixels), quality)
     data = latent.to_bytes() if target.suffix == ".pt" else codec.to_bytes(latent)
-    write_atomic(target, data)
+    write_atomic(target, data, overwrite)
     return latent, len(data)
 
 
@@ -313,8 +327,8 @@ class Codecs:
         raise CodecError(f"no shipped model has the weights {latent.weights} that made this file; pass --model WEIGHTS")
 
 
-def decode_file(codecs: Codecs, source: Path, target: Path) -> Image.Image:
+def decode_file(codecs: Codecs, source: Path, target: Path, overwrite: bool = True) -> Image.Image:
     latent = bitstream.read_file(source)
     image = codecs.for_file(latent).decode(latent)
-    save_image(image, target)
+    save_image(image, target, overwrite)
     return image

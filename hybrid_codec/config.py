@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 
 from .errors import CodecError
+from .inputs import load_json
 
 LATENT_SPACES = ("native", "sd")
 FAMILIES = ("hybrid", "dycnn", "dynet", "conv")
@@ -17,6 +18,20 @@ FAMILIES = ("hybrid", "dycnn", "dynet", "conv")
 DY-CNN's DyConv2d, DyNet's DyNetConv2d, and a plain nn.Conv2d baseline."""
 ATTENTION_FAMILIES = ("dycnn", "dynet")
 """The families whose attention pools the whole image: a latent depends on every pixel, not only its patch."""
+MAX_SIZES = {"latent_channels": 64, "downscale": 32, "encoder_hidden": 512, "decoder_hidden": 512, "decoder_kernel": 15}
+"""Bounds on a config's sizes, checked before a tensor is made: a weights file's metadata may ask for anything."""
+MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights; the shipped models hold 0.5 M
+
+
+def parameter_count(c: CodecConfig) -> int:
+    """About how many weights the config's encoder and decoder hold: the hybrid family's DynamicConv
+    predictors and similar_conv, which is also a bound for the other families at the same sizes."""
+
+    def layer(out_channels: int, patch: int, hidden: int) -> int:
+        return out_channels * (2 * patch * hidden + hidden * hidden + 16 * hidden + 2 * patch + 1)
+
+    encoder = layer(c.latent_channels, 3 * c.downscale**2, c.encoder_hidden)
+    return encoder + layer(3 * c.downscale**2, c.latent_channels * c.decoder_kernel**2, c.decoder_hidden)
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,11 @@ class CodecConfig:
             least = 0 if f.name == "quality_levels" else 1
             if f.type in ("int", int) and (type(value) is not int or value < least):
                 raise CodecError(f"config field {f.name!r} must be an integer >= {least}, not {value!r}")
+        for name, most in MAX_SIZES.items():
+            if getattr(self, name) > most:
+                raise CodecError(f"config field {name!r} must be at most {most}, not {getattr(self, name)}")
+        if parameter_count(self) > MAX_PARAMETERS:
+            raise CodecError(f"config asks for {parameter_count(self):,} weights (at most {MAX_PARAMETERS:,})")
         if self.quality_levels > 255:
             raise CodecError(f"at most 255 quality levels, not {self.quality_levels}")
         if self.latent_space not in LATENT_SPACES:
@@ -69,8 +89,10 @@ class CodecConfig:
 
     @classmethod
     def from_json(cls, text: str) -> CodecConfig:
+        if not isinstance(text, str | bytes):
+            raise CodecError(f"model config must be JSON text, not {type(text).__name__}")
+        fields = load_json(text, "invalid model config")
         try:
-            fields = json.loads(text)
             if not isinstance(fields, dict):
                 raise CodecError(f"model config must be a JSON object, not {type(fields).__name__}")
             known = {f.name for f in dataclasses.fields(cls)}

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from .errors import CodecError
-from .images import MAX_PIXELS, find_images, open_image, pixels_to_tensor
+from .images import MAX_PIXELS, find_images, open_image, pixels_to_tensor, quiet_stderr
+from .inputs import open_input
 
 MIN_SIDE = 16
 """Images with a side shorter than this are skipped: they hold no useful 8x8 structure."""
@@ -49,7 +50,7 @@ def usable_images(folder: str | Path, warn=print) -> list[Path]:
 def _problem(path: Path) -> str | None:
     """Why an image file cannot be trained on, or None."""
     try:
-        with Image.open(path) as image:
+        with quiet_stderr(), open_input(path, "image") as file, Image.open(file) as image:
             width, height = image.size
             if min(width, height) < MIN_SIDE:
                 return f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE}"

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from struct import error as struct_error
 from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CodecError
+from .inputs import check_input, open_input
 
 MAX_PIXELS = 64_000_000
 """Largest image the codec accepts by default (64 megapixels): a memory guard against a bomb or a
 mistake, raised per call (`max_pixels`, `--max-pixels`) for scans and panoramas, which the codec
 codes in tiles (`tiles.py`). The same limit is Pillow's decompression-bomb limit while a file opens."""
+
+ORIENTATION = 0x0112  # the EXIF tag saying how the camera was held
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -33,27 +39,47 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     huge scan raises both, and neither is ever switched off.
     """
     limit = MAX_PIXELS if max_pixels is None else max_pixels
-    path = Path(path)
-    if not path.exists():
-        raise CodecError(f"{path}: no such file")
-    if path.is_dir():
-        raise CodecError(f"{path}: is a folder, not an image")
+    path = check_input(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_stderr():  # Pillow's and libtiff's own lines: the error says it
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with pillow_limit(limit), Image.open(path) as image:
+            with pillow_limit(limit), open_input(path, "image") as file, Image.open(file) as image:
                 check_size(*image.size, where=str(path), max_pixels=limit)
                 image.load()
+                if image.getexif().get(ORIENTATION, 1) != 1:  # a phone photo the right way up
+                    image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
-    except CodecError:
-        raise
+    except CodecError as exc:
+        raise CodecError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         reason = f"{str(exc).rstrip('.')}; --max-pixels raises it"
         raise CodecError(f"{path}: too large for the limit of {limit:,} pixels ({reason})") from None
     except UnidentifiedImageError:
         raise CodecError(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise CodecError(f"{path}: corrupt or truncated image ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct_error, ZeroDivisionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CodecError(f"{path}: corrupt or truncated image ({reason})") from None
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to a scratch file for the duration: C libraries (libtiff) write there directly."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to keep quiet
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -81,15 +107,20 @@ def check_size(width: int, height: int, where: str = "image", max_pixels: int | 
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB: alpha is composited over white, 16-bit is scaled down."""
-    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grayscale
+    """Any Pillow mode -> 8-bit RGB: alpha is composited over white, 16-bit is scaled down, float
+    images in [0, 1] are scaled up; NaN pixels are refused."""
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grayscale, or float
         array = np.asarray(image, dtype=np.float64)
-        sixteen_bit = image.mode.startswith("I;16") or array.max() > 255
-        array = array / 257.0 if sixteen_bit else array
+        if not np.isfinite(array).all():
+            raise CodecError("the image holds NaN or infinite pixels")
+        if image.mode == "F" and array.size and array.min() >= 0 and array.max() <= 1:
+            array = array * 255.0  # float images in [0, 1]
+        elif image.mode.startswith("I;16") or array.size and array.max() > 255:
+            array = array / 257.0
         image = Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -119,6 +150,8 @@ def image_to_pixels(image: ImageLike, max_pixels: int | None = None) -> torch.Te
         return torch.from_numpy(rgb_array(image, max_pixels)).permute(2, 0, 1).unsqueeze(0)
     if not isinstance(image, torch.Tensor):
         raise CodecError(f"cannot encode a {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
+    if image.device.type == "meta":
+        raise CodecError("the image tensor is on the meta device: it holds no pixels")
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[1] != 3:

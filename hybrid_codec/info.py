@@ -8,6 +8,7 @@ from . import bitstream, compact
 from .compact import Packed
 from .errors import CodecError
 from .evaluation import bits_per_pixel
+from .inputs import check_input
 from .zoo import SHIPPED, resolve_weights
 
 
@@ -33,10 +34,9 @@ def layer_text(layer) -> str:
 
 def describe(path: Path) -> dict[str, object]:
     """What a latent file or a weights file holds, as label -> value."""
-    if not path.is_file() and str(path) in SHIPPED:  # a shipped name works wherever a weights file does
+    if str(path) in SHIPPED and not path.is_file():  # a shipped name works wherever a weights file does
         path = resolve_weights(str(path))
-    if not path.is_file():
-        raise CodecError(f"{path}: no such file")
+    check_input(path)
     if path.suffix == ".ckpt":
         return describe_checkpoint(path)
     if path.suffix == ".safetensors":

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import CodecConfig
 from .errors import CodecError
+from .inputs import load_json, read_input
 from .layers import DyConv2d, DynamicConv, DyNetConv2d
 from .levels import QualityLevels, RateProxy
 from .paths import write_atomic
@@ -130,22 +131,38 @@ class Autoencoder(nn.Module):
 
 
 def read_weights(path: str | os.PathLike) -> tuple[CodecConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a weights file, with a clear error for anything else."""
+    """The config and tensors of a weights file, with a clear error for anything else.
+
+    The header's JSON is checked (size, depth) and the config validated before any tensor is made;
+    weights holding NaN or infinity are refused (they would encode files nothing can decode)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load
 
     path = Path(path)
-    if not path.is_file():
-        raise CodecError(f"{path}: no such weights file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CodecError(f"{path}: not a safetensors weights file ({exc})") from None
-    if metadata.get("format") != "hybrid-codec-weights" or "config" not in metadata:
+    data = read_input(path, "weights file")
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 2 <= size <= len(data) - 8:
+        raise CodecError(f"{path}: not a safetensors weights file (truncated or foreign header)")
+    header = load_json(data[8 : 8 + size], f"{path}: safetensors header", max_bytes=MAX_HEADER_BYTES)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != "hybrid-codec-weights" or "config" not in metadata:
         raise CodecError(f"{path}: a safetensors file, but not hybrid-codec weights (no config in its metadata)")
-    return CodecConfig.from_json(metadata["config"]), tensors
+    try:
+        config = CodecConfig.from_json(metadata["config"])
+    except CodecError as exc:
+        raise CodecError(f"{path}: {exc}") from None
+    try:
+        tensors = load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CodecError(f"{path}: not a safetensors weights file ({reason})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CodecError(f"{path}: weights {name!r} hold NaN or infinite values")
+    return config, tensors
+
+
+MAX_HEADER_BYTES = 16 << 20  # a safetensors header: the names, shapes and offsets of the tensors, and metadata
 
 
 def weights_bytes(module: nn.Module) -> int:

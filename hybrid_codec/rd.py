@@ -209,16 +209,16 @@ def deltas(rows: list[Mean], model: str) -> list[Delta]:
     return out
 
 
-def write_json(path: Path, points: list[Point], rows: list[Mean], found: list[Delta]) -> None:
+def write_json(path: Path, points: list[Point], rows: list[Mean], found: list[Delta], overwrite: bool = True) -> None:
     body = {
         "points": [dataclasses.asdict(p) for p in points],
         "means": [dataclasses.asdict(r) for r in rows],
         "deltas": [dataclasses.asdict(d) for d in found],
     }
-    write_atomic(path, (json.dumps(body, indent=1, allow_nan=True) + "\n").encode())
+    write_atomic(path, (json.dumps(body, indent=1, allow_nan=True) + "\n").encode(), overwrite)
 
 
-def plot(path: Path, rows: list[Mean], title: str = "") -> None:
+def plot(path: Path, rows: list[Mean], title: str = "", overwrite: bool = True) -> None:
     """PSNR-vs-bpp and MS-SSIM-vs-bpp curves of every codec, side by side."""
     import matplotlib
 
@@ -242,4 +242,4 @@ def plot(path: Path, rows: list[Mean], title: str = "") -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=110)
     plt.close(figure)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue(), overwrite)

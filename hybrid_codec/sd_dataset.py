@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from .errors import CodecError
-from .images import find_images, open_image, pixels_to_tensor
+from .images import find_images, open_image, pixels_to_tensor, quiet_stderr
+from .inputs import load_json, open_input, read_input
 from .paths import write_atomic
 from .sd import SD_SCALING_FACTOR, encode_latents, sd_codec
 from .training import Distributed
@@ -71,9 +72,9 @@ class _NpyFolder:
         manifest = folder / MANIFEST
         if manifest.exists():
             try:
-                old = json.loads(manifest.read_text())
-            except (OSError, ValueError):
-                raise CodecError(f"{manifest}: unreadable; delete it or write to another folder") from None
+                old = load_json(read_input(manifest, "manifest"), str(manifest))
+            except CodecError as exc:
+                raise CodecError(f"{exc}; delete it or write to another folder") from None
             if old != settings:
                 raise CodecError(
                     f"{folder} holds latents made with other settings ({_differences(old, settings)}); "
@@ -93,7 +94,26 @@ class _NpyFolder:
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for path in sorted(self.folder.rglob("*.npy")):
-            yield path.relative_to(self.folder).as_posix(), torch.from_numpy(np.load(path, allow_pickle=False))
+            yield path.relative_to(self.folder).as_posix(), torch.from_numpy(read_part(path))
+
+
+def read_part(path: Path) -> np.ndarray:
+    """One finished latent: a (4, h, w) float32 .npy, never a pickle; a damaged one is one error line."""
+    import io
+
+    try:
+        array = np.load(io.BytesIO(read_input(path, "latent part")), allow_pickle=False)
+    except CodecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, EOFError, OSError... for damaged files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CodecError(f"{path}: a damaged latent part ({reason}); use --restart") from None
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim != 3 or array.shape[0] != 4:
+        what = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise CodecError(f"{path}: not a (4, h, w) float32 latent part ({what}); use --restart")
+    if not np.isfinite(array).all():
+        raise CodecError(f"{path}: a latent part holding NaN or infinite values; use --restart")
+    return array
 
 
 def _npy_bytes(latent: torch.Tensor) -> bytes:
@@ -143,6 +163,8 @@ def write_sd_latents(
     read is reported in `failed` and the others go on. Runs again skip what is done; `restart`
     drops it first. Under torchrun (WORLD_SIZE > 1) `out` is a folder of shards: see `write_shards`.
     """
+    if type(batch_size) is not int or batch_size < 1:  # before any folder or file is made
+        raise CodecError(f"--batch-size must be at least 1, not {batch_size!r}")
     folder, out = Path(folder), Path(out)
     keys, sources = _find(folder)
     dist = Distributed()
@@ -174,7 +196,7 @@ def _find(folder: Path) -> tuple[list[str], list[Path]]:
 def _size(path: Path) -> tuple[int, int]:
     """An image's size from its header, without decoding it; (0, 0) where it cannot be read (reported later)."""
     try:
-        with Image.open(path) as image:
+        with quiet_stderr(), open_input(path, "image") as file, Image.open(file) as image:
             return image.size
     except Exception:  # noqa: BLE001 - any unreadable file is reported by open_image, with its reason
         return (0, 0)

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,11 @@ import torch
 
 from .data import StepSampler
 from .errors import CodecError
+from .inputs import read_input
 from .layers import anneal_temperature
 from .models import Autoencoder, CodecConfig
 from .options import LoopOptions, option_info
-from .paths import write_atomic
+from .paths import check_writable, write_atomic
 
 Reporter = Callable[[int, int, dict], None]
 """Called after every step with (step, total_steps, metrics): the CLI draws it."""
@@ -157,12 +159,43 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise CodecError(f"{path}: no such checkpoint")
+    """A checkpoint's dict, its structure checked: a list, a missing model or odd JSON is one CodecError."""
+    data = read_input(path, "checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn about its protocol
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - damaged bytes make the unpickler raise almost anything
         raise CodecError(f"{path}: not a readable training checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise CodecError(f"{path}: not a training checkpoint (it holds a {type(state).__name__}, not a dict)")
+    for key, kinds in CHECKPOINT_FIELDS.items():
+        if not isinstance(state.get(key), kinds) or isinstance(state.get(key), bool):
+            raise CodecError(f"{path}: not a training checkpoint (its {key!r} is missing or of the wrong type)")
+    if state["step"] < 0 or not math.isfinite(state["seconds"]):
+        raise CodecError(f"{path}: not a training checkpoint (step {state['step']}, seconds {state['seconds']})")
+    for key in ("options", "val", "ema"):
+        if key in state and not isinstance(state[key], dict):
+            raise CodecError(f"{path}: not a training checkpoint (its {key!r} is not a dict)")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        raise CodecError(f"{path}: not a training checkpoint (its model is not a dict of tensors)")
+    try:
+        CodecConfig.from_json(state["config"])
+    except CodecError as exc:
+        raise CodecError(f"{path}: {exc}") from None
+    return state
+
+
+CHECKPOINT_FIELDS = {
+    "format": str,
+    "config": str,
+    "step": int,
+    "seconds": (int, float),
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+}
+"""What every checkpoint holds, by type (`Optimization.state`)."""
 
 
 def initial_weights(source: str | Path, config: CodecConfig) -> Autoencoder:
@@ -320,11 +353,9 @@ def fit(
         device = torch.device("cuda", dist.local_rank)
     dist.init(device)
     quiet = log if dist.main else (lambda message: None)
-    if dist.main and not opts.out.parent.is_dir():
-        try:
-            opts.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CodecError(f"{opts.out.parent}: cannot create folder ({exc.strerror or exc})") from None
+    if dist.main:  # its folders are made with its first file, and removed if that fails
+        check_writable(opts.out)
+        check_writable(opts.checkpoint)
     dataset = recipe.setup(device, quiet)
 
     torch.manual_seed(opts.seed)
@@ -337,8 +368,12 @@ def fit(
         if state.get("format") != recipe.checkpoint_format or CodecConfig.from_json(state["config"]) != opts.model:
             kind = recipe.checkpoint_format
             raise CodecError(f"{opts.resume}: not a checkpoint of this model configuration ({kind})")
-        run.restore(state)
-        recipe.restore(state)
+        try:
+            run.restore(state)
+            recipe.restore(state)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+            reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+            raise CodecError(f"{opts.resume}: its state does not fit this run ({reason[:200]})") from None
         start, elapsed, val, best = state["step"], state["seconds"], state.get("val", {}), state.get(best_key)
         if start >= opts.steps:
             raise CodecError(f"{opts.resume} is already at step {start} of {opts.steps}: raise --steps to go on")

@@ -231,7 +231,7 @@ def test_bad_field_value_refused(values, message):
 @pytest.mark.parametrize("shape", [(4, 3, 4), (4, 3, 6), (3, 3, 5), (4, 30, 50)])
 def test_payload_of_wrong_length_refused(shape):
     fields = good_fields()
-    fields["payload"] = make_latent(*shape).to_dict()["payload"]
+    fields["payload"] = make_latent(*shape, height=8 * shape[1], width=8 * shape[2]).to_dict()["payload"]
     expected = math.prod(shape) if math.prod(shape) < 60 else 61  # decompression stops one past the size
     with pytest.raises(CodecError, match=f"corrupt latent payload: {expected} values where 60 were expected"):
         Latent.from_bytes(saved(fields))

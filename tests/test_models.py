@@ -196,8 +196,8 @@ def test_truncated_weights_file_refused(tiny_model, tmp_path):
 def test_missing_weights_file_refused(tmp_path):
     with pytest.raises(CodecError, match="no such weights file"):
         Autoencoder.from_pretrained(tmp_path / "nothing.safetensors")
-    with pytest.raises(CodecError, match="no such weights file"):
-        Autoencoder.from_pretrained(tmp_path)  # a folder
+    with pytest.raises(CodecError, match="is a folder, not a weights file"):
+        Autoencoder.from_pretrained(tmp_path)
 
 
 def test_loading_weights_never_unpickles(tiny_model, tmp_path, monkeypatch):
