@@ -453,8 +453,8 @@ def test_a_data_loader_worker_error_is_its_message():
     [
         (b"garbage", "damaged latent part"),
         (b"\x93NUMPY" + b"\x01\x00" + b"\x10\x00{'descr': '|O'  }", "damaged latent part"),
-        ("pickle", "damaged latent part"),
-        ("truncated", "damaged latent part"),
+        ("pickle", "not a \\(4, h, w\\) float32 latent part \\(object"),
+        ("truncated", "a truncated latent part"),
         ("shape", "not a \\(4, h, w\\) float32"),
         ("nan", "NaN"),
     ],
