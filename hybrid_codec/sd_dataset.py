@@ -103,6 +103,11 @@ class _NpyFolder:
             yield path.relative_to(self.folder).as_posix(), torch.from_numpy(read_part(path))
 
 
+def _damaged(path: Path, exc: Exception) -> CodecError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return CodecError(f"{path}: a damaged latent part ({reason}); use --restart")
+
+
 def check_part_header(path: Path) -> None:
     """A part's .npy header says (4, h, w) float32 and its size fits: without reading the data."""
     try:
@@ -116,8 +121,7 @@ def check_part_header(path: Path) -> None:
     except CodecError:
         raise
     except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, EOFError, OSError... for damaged headers
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CodecError(f"{path}: a damaged latent part ({reason}); use --restart") from None
+        raise _damaged(path, exc) from None
     if dtype != np.float32 or len(shape) != 3 or shape[0] != 4 or fortran:
         raise CodecError(f"{path}: not a (4, h, w) float32 latent part ({dtype} {list(shape)}); use --restart")
     if data_bytes != 4 * shape[0] * shape[1] * shape[2]:
@@ -125,19 +129,16 @@ def check_part_header(path: Path) -> None:
 
 
 def read_part(path: Path) -> np.ndarray:
-    """One finished latent: a (4, h, w) float32 .npy, never a pickle; a damaged one is one error line."""
+    """One finished latent: its header checked first (never a pickle), then its values (finite)."""
     import io
 
+    check_part_header(path)
     try:
         array = np.load(io.BytesIO(read_input(path, "latent part")), allow_pickle=False)
     except CodecError:
         raise
     except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, EOFError, OSError... for damaged files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CodecError(f"{path}: a damaged latent part ({reason}); use --restart") from None
-    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim != 3 or array.shape[0] != 4:
-        what = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
-        raise CodecError(f"{path}: not a (4, h, w) float32 latent part ({what}); use --restart")
+        raise _damaged(path, exc) from None
     if not np.isfinite(array).all():
         raise CodecError(f"{path}: a latent part holding NaN or infinite values; use --restart")
     return array
