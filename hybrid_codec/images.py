@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import CodecError
+from .errors import CodecError, first_line
 from .inputs import check_input, open_input
 
 MAX_PIXELS = 64_000_000
@@ -58,8 +58,7 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     except UnidentifiedImageError:
         raise CodecError(f"{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct_error, ZeroDivisionError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CodecError(f"{path}: corrupt or truncated image ({reason})") from None
+        raise CodecError(f"{path}: corrupt or truncated image ({first_line(exc)})") from None
 
 
 class _QuietStderr:

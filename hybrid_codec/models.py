@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import CodecConfig
-from .errors import CodecError
+from .errors import CodecError, first_line
 from .inputs import load_json, read_input
 from .layers import DyConv2d, DynamicConv, DyNetConv2d
 from .levels import QualityLevels, RateProxy
@@ -154,8 +154,7 @@ def read_weights(path: str | os.PathLike) -> tuple[CodecConfig, dict[str, torch.
     try:
         tensors = load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CodecError(f"{path}: not a safetensors weights file ({reason})") from None
+        raise CodecError(f"{path}: not a safetensors weights file ({first_line(exc)})") from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CodecError(f"{path}: weights {name!r} hold NaN or infinite values")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import entropy
-from .errors import CodecError
+from .errors import CodecError, first_line
 from .models import Autoencoder
 from .paths import write_atomic
 from .zoo import resolve_weights
@@ -119,8 +119,7 @@ def to_onnx(
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many kinds; its first line says what
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CodecError(f"ONNX export failed: {first}") from None
+        raise CodecError(f"ONNX export failed: {first_line(exc)}") from None
     finally:
         quiet.setLevel(level)
     shape = program.model.graph.outputs[0].shape

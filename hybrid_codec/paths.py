@@ -125,14 +125,14 @@ def is_dir(path: Path) -> bool:
 def check_writable(target: Path) -> None:
     """Refuse a target that cannot be written, before any work: its name is too long, its nearest
     existing ancestor is a file, or that folder is not writable. Folders are made only when written."""
+    folder = nearest_existing(target.parent)
     try:
-        limit = os.pathconf(nearest_existing(target.parent), "PC_NAME_MAX")
+        limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
     for part in target.parts:
         if len(os.fsencode(part)) > limit:
             raise CodecError(f"{target}: file name too long (at most {limit} bytes a name)")
-    folder = nearest_existing(target.parent)
     if not is_dir(folder):
         raise CodecError(f"{target}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import CodecError
+from .errors import CodecError, first_line
 from .images import find_images, open_image, pixels_to_tensor, quiet_stderr
 from .inputs import load_json, open_input, read_input
 from .paths import write_atomic
@@ -104,8 +104,7 @@ class _NpyFolder:
 
 
 def _damaged(path: Path, exc: Exception) -> CodecError:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return CodecError(f"{path}: a damaged latent part ({reason}); use --restart")
+    return CodecError(f"{path}: a damaged latent part ({first_line(exc)}); use --restart")
 
 
 def check_part_header(path: Path) -> None:
