@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .errors import CodecError
@@ -23,6 +24,8 @@ from .inputs import open_input
 
 MIN_SIDE = 16
 """Images with a side shorter than this are skipped: they hold no useful 8x8 structure."""
+DECODER_SCALES = 5
+"""A decoder stage's scales: this many, geometrically from --decoder-min-scale to 1."""
 
 
 def usable_images(folder: str | Path, warn=print) -> list[Path]:
@@ -98,6 +101,65 @@ class RandomCrops(torch.utils.data.Dataset):
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
         return pixels_to_tensor(patch)
+
+
+def scaled_pixels(path: Path, scale: float = 1.0) -> np.ndarray:
+    """An image's HxWx3 uint8 pixels at `scale`, resized as the teacher's downscaled tiles were."""
+    image = open_image(path)
+    if scale != 1.0:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    return np.asarray(image)
+
+
+def decoder_scales(min_scale: float) -> list[float]:
+    """`DECODER_SCALES` scales from `min_scale` to 1, geometrically."""
+    n = DECODER_SCALES
+    return [min_scale ** (k / (n - 1)) for k in range(n)] if min_scale < 1 else [1.0]
+
+
+class StoredLatentCrops(torch.utils.data.Dataset):
+    """Item i: a window of a photo's latent exactly as its latent file stores it, with a halo of the
+    decoder kernel's reach (zeros beyond the image: the decoder's own padding), and the pixels of
+    its interior.
+
+    Each photo at each of `scales`, encoded once by `model`'s encoder at each of its quality levels
+    (or in its 8-bit min/max file, for a model without levels): a decoder trained on these learns
+    what the files it will read hold, and the encoder's codes keep their meaning.
+    """
+
+    def __init__(self, paths: list[Path], model: torch.nn.Module, crop: int, seed: int, scales: list[float]) -> None:
+        from .codec import Codec
+        from .models import Autoencoder
+
+        self.crop, self.seed, self.factor = crop, seed, model.config.downscale
+        self.halo = model.config.decoder_kernel // 2
+        frozen = Autoencoder(model.config)
+        frozen.load_state_dict(model.state_dict())
+        codec = Codec(frozen, tile=None)
+        qualities = list(range(1, codec.quality_levels + 1)) or [None]
+        self.pairs: list[tuple[np.ndarray, torch.Tensor]] = []
+        for path in paths:
+            for scale in scales:
+                pixels = scaled_pixels(path, scale)
+                if min(pixels.shape[:2]) // self.factor * self.factor >= crop:
+                    self.pairs += [(pixels, codec.encode(pixels, q).dequantize()[0]) for q in qualities]
+        if not self.pairs:
+            raise CodecError(f"no training image is at least --crop {crop} pixels on each side at every scale")
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, i])
+        epoch, position = divmod(i, len(self.pairs))
+        index = int(np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.pairs))[position])
+        pixels, latent = self.pairs[index]
+        f, side = self.factor, self.crop // self.factor
+        top = int(rng.integers(0, pixels.shape[0] // f - side + 1))
+        left = int(rng.integers(0, pixels.shape[1] // f - side + 1))
+        h = self.halo
+        halo = F.pad(latent, (h, h, h, h))[:, top : top + side + 2 * h, left : left + side + 2 * h]
+        return halo, pixels_to_tensor(pixels[top * f : (top + side) * f, left * f : (left + side) * f])
 
 
 class StepSampler(torch.utils.data.Sampler[int]):

@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from .data import RandomCrops, usable_images
+from .data import RandomCrops, StoredLatentCrops, decoder_scales, scaled_pixels, usable_images
 from .errors import CodecError
 from .images import open_image, pixels_to_tensor
 from .inputs import read_input
@@ -43,9 +42,6 @@ SCALED_FOLDER = re.compile(r"-s(?P<digits>\d{2,})$")
 VAL_SIDE = 256
 """Validation looks at the central (at most) VAL_SIDE x VAL_SIDE crop of each image or tile: the
 SD VAE (live teacher) and the decoder are the slow parts; the latent error uses whole tiles."""
-DECODER_SCALES = 5
-"""The decoder stage's scales: this many, geometrically from --decoder-min-scale to 1."""
-
 
 # ---------------------------------------------------------------- precomputed targets
 
@@ -63,14 +59,6 @@ def folder_scale(folder: Path) -> float:
     """The image scale of a folder's tiles: `photos-s065` holds tiles of the photos at 0.65, others at 1."""
     match = SCALED_FOLDER.search(folder.name)
     return int(match["digits"]) / 10 ** (len(match["digits"]) - 1) if match else 1.0
-
-
-def scaled_pixels(path: Path, scale: float = 1.0) -> np.ndarray:
-    """An image's HxWx3 uint8 pixels at `scale`, resized as the teacher's downscaled tiles were."""
-    image = open_image(path)
-    if scale != 1.0:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-    return np.asarray(image)
 
 
 def find_tiles(latent_dir: Path, images: list[Path], warn: Callable[[str], None] = print) -> list[Tile]:
@@ -164,42 +152,6 @@ class TileCrops(torch.utils.data.Dataset):
         return [(pixels_to_tensor(p), torch.from_numpy(t)) for p, t in self.pairs]
 
 
-class StoredLatentCrops(torch.utils.data.Dataset):
-    """Item i: a window of a photo's latent as its latent file stores it (8-bit, min/max of the whole
-    image) with a one-latent halo (zeros beyond the image: the decoder's own padding), and the pixels
-    of its interior. Each photo at each of `scales`, encoded once by `model`'s encoder."""
-
-    def __init__(self, paths: list[Path], model: Autoencoder, crop: int, seed: int, scales: list[float]) -> None:
-        from .codec import Codec
-
-        self.crop, self.seed, self.factor = crop, seed, model.config.downscale
-        frozen = Autoencoder(model.config)
-        frozen.load_state_dict(model.state_dict())
-        codec = Codec(frozen, tile=None)
-        self.pairs: list[tuple[np.ndarray, torch.Tensor]] = []
-        for path in paths:
-            for scale in scales:
-                pixels = scaled_pixels(path, scale)
-                if min(pixels.shape[:2]) // self.factor * self.factor >= crop:
-                    self.pairs.append((pixels, codec.encode(pixels).dequantize()[0]))
-        if not self.pairs:
-            raise CodecError(f"no training image is at least --crop {crop} pixels on each side at every scale")
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, i])
-        epoch, position = divmod(i, len(self.pairs))
-        index = int(np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.pairs))[position])
-        pixels, latent = self.pairs[index]
-        f, side = self.factor, self.crop // self.factor
-        top = int(rng.integers(0, pixels.shape[0] // f - side + 1))
-        left = int(rng.integers(0, pixels.shape[1] // f - side + 1))
-        halo = F.pad(latent, (1, 1, 1, 1))[:, top : top + side + 2, left : left + side + 2]
-        return halo, pixels_to_tensor(pixels[top * f : (top + side) * f, left * f : (left + side) * f])
-
-
 # ---------------------------------------------------------------- live teacher
 
 
@@ -260,9 +212,6 @@ def _split(opts: DistillOptions, log: Callable[[str], None]) -> tuple[list[Path]
     return paths, val
 
 
-STAGES = ("both", "encoder", "decoder")
-
-
 class Distillation(Recipe):
     """The SD recipe: the encoder learns the teacher's latents, the decoder decodes the student's own."""
 
@@ -283,12 +232,6 @@ class Distillation(Recipe):
             raise CodecError("distill trains SD-space models: the config's latent_space must be 'sd'")
         if opts.teacher is not None and opts.teacher_latents is not None:
             raise CodecError("give --teacher or --teacher-latents, not both")
-        if opts.stage not in STAGES:
-            raise CodecError(f"--stage must be one of {', '.join(STAGES)}, not {opts.stage!r}")
-        if opts.stage == "decoder" and opts.init_from is None:
-            raise CodecError("--stage decoder trains a decoder for a given encoder: pass --init-from")
-        if not 0 < opts.decoder_min_scale <= 1:
-            raise CodecError(f"--decoder-min-scale must be in (0, 1], not {opts.decoder_min_scale}")
         if Distributed().world > 1:  # the loss calls the encoder and decoder apart, which DDP does not see
             raise CodecError("distill runs in one process: start it without torchrun")
 
@@ -318,9 +261,8 @@ class Distillation(Recipe):
 
     def stored_latents(self) -> StoredLatentCrops:
         """The decoder stage's data: what the --init-from encoder's files hold, at every scale."""
-        low, n = self.opts.decoder_min_scale, DECODER_SCALES
-        scales = [low ** (k / (n - 1)) for k in range(n)] if low < 1 else [1.0]
         encoder = initial_weights(self.opts.init_from, self.opts.model)
+        scales = decoder_scales(self.opts.decoder_min_scale)
         return StoredLatentCrops(self.train_paths, encoder, self.opts.crop, self.opts.seed, scales)
 
     def model(self, config: CodecConfig) -> Autoencoder:
@@ -336,7 +278,8 @@ class Distillation(Recipe):
         opts, factor = self.opts, self.opts.model.downscale
         if opts.stage == "decoder":
             halo, images = batch[0].to(self.device), batch[1].to(self.device)
-            decoded = net.decoder(halo, clamp=False)[..., factor:-factor, factor:-factor]
+            edge = factor * (opts.model.decoder_kernel // 2)
+            decoded = net.decoder(halo, clamp=False)[..., edge:-edge, edge:-edge]
             return F.mse_loss(decoded, images), {"psnr": psnr(images, decoded.detach())}
         variance = None
         if self.teacher is not None:

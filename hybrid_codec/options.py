@@ -89,6 +89,16 @@ class LoopOptions:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.")
     seed: int = option(0, "Seed of the initialisation and the crops.", reproducible=True)
     init_from: Path | None = option(None, "Weights to fine-tune from (a shipped name or a file).")
+    stage: str = option(
+        "both",
+        "both: encoder and decoder together; encoder: the encoder alone (the decoder kept); decoder: the decoder "
+        "alone, on the --init-from encoder's latents as its files store them (every quality level), of the photos "
+        "at several scales.",
+        reproducible=True,
+    )
+    decoder_min_scale: float = option(
+        0.25, "--stage decoder shows the photos at scales from this to 1.", reproducible=True
+    )
     workers: int = option(2, "Data-loading worker processes.")
     model: CodecConfig = dataclasses.field(default_factory=CodecConfig)
     force: bool = option(False, "Overwrite an existing --out and checkpoint (the run starts afresh).")
@@ -128,15 +138,6 @@ class DistillOptions(LoopOptions):
     )
     decoder_crop: int = option(0, "The decoder trains on a window this big of each crop (0: all).", reproducible=True)
     image_weight: float = option(1.0, "Weight of the decoder's MSE beside the latent error.", reproducible=True)
-    stage: str = option(
-        "both",
-        "both: encoder and decoder together; encoder: the encoder alone (the decoder kept); decoder: the decoder "
-        "alone, on the --init-from encoder's latents as files store them, of the photos at several scales.",
-        reproducible=True,
-    )
-    decoder_min_scale: float = option(
-        0.25, "--stage decoder shows the photos at scales from this to 1.", reproducible=True
-    )
     holdout: int = option(0, "Validate on the last N images of DATA_DIR instead of training.")
     clip: float = option(1.0, "Gradient-norm clipping of encoder and decoder each (0: off).", reproducible=True)
     # distill's own defaults; the help is LoopOptions'

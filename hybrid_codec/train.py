@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from .codec import Codec
-from .data import RandomCrops, usable_images
+from .data import RandomCrops, StoredLatentCrops, decoder_scales, usable_images
 from .errors import CodecError
 from .images import image_to_pixels, image_to_tensor, open_image
 from .levels import RateProxy, export_levels
 from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
 from .options import TrainOptions
-from .training import FitResult, Recipe, Reporter, fit
+from .training import Distributed, FitResult, Recipe, Reporter, fit, initial_weights
 from .zoo import resolve_weights
 
 LOSSES = ("mse", "psnr", "ms-ssim", "mix")
@@ -60,12 +60,14 @@ def reconstruction_loss(kind: str, image: torch.Tensor, decoded: torch.Tensor) -
 
 
 def validate(model: Autoencoder, paths: list[Path], device: torch.device) -> float:
-    """Mean PSNR over whole validation images, through real 8-bit latents."""
+    """Mean PSNR over whole validation images through real latent files: at every quality level, or 8-bit."""
     codec = Codec(model, device=device)
+    qualities = list(range(1, codec.quality_levels + 1)) or [None]
     scores = []
     for path in paths:
-        image = image_to_tensor(open_image(path)).to(device)
-        scores.append(psnr(image, codec.roundtrip_tensor(image)))
+        image = open_image(path)
+        reference = image_to_tensor(image)
+        scores += [psnr(reference, image_to_tensor(codec.decode(codec.encode(image, q)))) for q in qualities]
     return sum(scores) / len(scores)
 
 
@@ -96,6 +98,12 @@ class Photos(Recipe):
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         return RandomCrops(paths, opts.crop, opts.seed, opts.min_scale)
 
+    def model(self, config: CodecConfig) -> Autoencoder:
+        model = super().model(config)
+        if self.opts.stage == "encoder":
+            model.decoder.requires_grad_(False)
+        return model
+
     def loss(self, net: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch.to(self.device, non_blocking=True)
         with self.amp:
@@ -105,6 +113,42 @@ class Photos(Recipe):
 
     def validate(self, model: Autoencoder) -> dict[str, float]:
         return {"val_psnr": validate(model, self.val_paths, self.device)} if self.val_paths else {}
+
+
+class DecoderStage(Photos):
+    """--stage decoder: the decoder alone, on --init-from's latents exactly as its files store them.
+
+    Crops of the training photos at several scales, coded at every quality level (or in 8-bit
+    files). The encoder, the levels' steps and their tables stay as --init-from has them, so every
+    image keeps its codes and the tables still fit them: only what the codes decode to improves.
+    """
+
+    checkpoint_format = "hybrid-codec-decoder-checkpoint"
+
+    def check(self) -> None:
+        super().check()
+        if Distributed().world > 1:  # the loss calls the decoder alone, which DDP does not see
+            raise CodecError("--stage decoder runs in one process: start it without torchrun")
+
+    def setup(self, device: torch.device, log: Callable[[str], None]) -> StoredLatentCrops:
+        crops = super().setup(device, log)
+        source = initial_weights(self.opts.init_from, self.opts.model)
+        scales = decoder_scales(self.opts.decoder_min_scale)
+        return StoredLatentCrops(crops.paths, source, self.opts.crop, self.opts.seed, scales)
+
+    def model(self, config: CodecConfig) -> Autoencoder:
+        model = Autoencoder(config)
+        model.load_state_dict(initial_weights(self.opts.init_from, config).state_dict())  # the levels too
+        model.encoder.requires_grad_(False)
+        return model
+
+    def loss(self, net: Autoencoder, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        halo, images = (part.to(self.device, non_blocking=True) for part in batch)
+        edge = self.opts.model.downscale * (self.opts.model.decoder_kernel // 2)
+        with self.amp:
+            decoded = net.decoder(halo, clamp=False)[..., edge:-edge, edge:-edge]
+            loss = reconstruction_loss(self.opts.loss, images, decoded.float())
+        return loss, {"loss": loss.item(), "psnr": psnr(images, decoded.detach().float())}
 
 
 def parse_lambdas(text: str) -> list[float]:
@@ -192,8 +236,15 @@ class RateDistortion(Photos):
 def train(opts: TrainOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> TrainResult:
     """Train encoder and decoder together; writes --out (the best or final EMA weights).
 
-    With --lambdas, the rate-distortion recipe: quality levels fine-tuned from --init-from."""
-    if opts.lambdas:
+    With --lambdas, the rate-distortion recipe: quality levels fine-tuned from --init-from; with
+    --stage decoder, the decoder alone for --init-from's files."""
+    if opts.stage == "decoder" and opts.init_from is not None:
+        if opts.lambdas:
+            raise CodecError("--stage decoder keeps --init-from's quality levels: leave out --lambdas")
+        levels = initial_weights(opts.init_from, opts.model).config.quality_levels
+        opts = dataclasses.replace(opts, model=dataclasses.replace(opts.model, quality_levels=levels))
+        result = fit(DecoderStage(opts), opts, report, log)
+    elif opts.lambdas:
         opts = dataclasses.replace(
             opts, model=dataclasses.replace(opts.model, quality_levels=len(parse_lambdas(opts.lambdas)))
         )

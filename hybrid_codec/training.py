@@ -298,9 +298,20 @@ class FitResult:
     checkpoint: Path | None = None  # the run's checkpoint, which stays: --resume with a higher --steps goes on
 
 
+STAGES = ("both", "encoder", "decoder")
+"""What `--stage` trains: both halves, or one with the other kept as --init-from has it."""
 MAX_BATCH_BYTES = 1 << 30
 """Largest batch of float32 crops a step may take (`--batch-size` x `--crop`^2 x 3 x 4 bytes); the
 model's activations are several times that. The recipes' defaults take 1.5 to 3 MB."""
+
+
+def train_mode(model: torch.nn.Module) -> None:
+    """Train mode, except for a part that does not train (a stage's kept half): its BatchNorm
+    statistics must stay those it was trained with, or it would change without a gradient."""
+    model.train()
+    for part in model.children():
+        if any(True for _ in part.parameters()) and not any(p.requires_grad for p in part.parameters()):
+            part.eval()
 
 
 def check_loop_options(opts: LoopOptions) -> None:
@@ -334,6 +345,12 @@ def check_loop_options(opts: LoopOptions) -> None:
             f"--batch-size {opts.batch_size} of --crop {opts.crop} crops is {batch_bytes / 2**30:,.1f} GiB of pixels "
             f"a step (at most {MAX_BATCH_BYTES / 2**30:g} GiB)"
         )
+    if opts.stage not in STAGES:
+        raise CodecError(f"--stage must be one of {', '.join(STAGES)}, not {opts.stage!r}")
+    if opts.stage == "decoder" and opts.init_from is None:
+        raise CodecError("--stage decoder trains a decoder for a given encoder: pass --init-from")
+    if not 0 < opts.decoder_min_scale <= 1:
+        raise CodecError(f"--decoder-min-scale must be in (0, 1], not {opts.decoder_min_scale}")
     check_device(str(opts.device))
     if opts.resume is None and not opts.force:
         for existing in (opts.out, opts.checkpoint):
@@ -427,7 +444,7 @@ def fit(
     began = time.monotonic()
     step, finished, metrics = start, True, {}
     saved = (opts.resume, start) if opts.resume else (None, None)  # the checkpoint a Ctrl-C leaves
-    model.train()
+    train_mode(model)
     try:
         for step, batch in enumerate(loader, start=start + 1):
             anneal_temperature(model, step - 1, opts.temperature_steps)  # the EMA copy keeps inference's 1
@@ -446,8 +463,8 @@ def fit(
                     if score is None or best is None or score > best:
                         best = score
                         export()
-                    run.current().train()
-                    model.train()
+                    train_mode(run.current())
+                    train_mode(model)
                 dist.barrier()
             if dist.main and (step % opts.checkpoint_every == 0 or last):
                 checkpoint(step)

@@ -13,7 +13,8 @@ from test_sd import tiny_kl
 from typer.testing import CliRunner
 
 from hybrid_codec.cli import app
-from hybrid_codec.distill import TileCrops, find_tiles, folder_scale, relative_errors, scaled_pixels
+from hybrid_codec.data import scaled_pixels
+from hybrid_codec.distill import TileCrops, find_tiles, folder_scale, relative_errors
 from hybrid_codec.errors import CodecError
 from hybrid_codec.models import Autoencoder
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, smooth_image
@@ -452,3 +453,49 @@ def test_the_loop_anneals_the_attention_temperature_and_exports_it_at_1(image_fo
     assert [set(layers) for layers in seen] == [{t} for t in (30.0, 22.75, 15.5, 8.25, 1.0, 1.0)]  # every layer alike
     exported = {m.temperature for m in Autoencoder.from_pretrained(out).modules() if isinstance(m, DyConv2d)}
     assert exported == {1.0}
+
+
+def test_stages_train_one_half_and_the_decoder_stage_keeps_every_code(image_folder, tmp_path, tiny_weights):
+    """--stage decoder fine-tunes the decoder alone for --init-from's files: the encoder, the levels'
+    steps and tables are kept, so the same image gets the same bytes, and those bytes decode
+    better; --stage encoder keeps the decoder."""
+    from hybrid_codec import Codec
+    from hybrid_codec.compact import HEADER_BYTES
+
+    levels = options(image_folder, tmp_path / "l.safetensors", steps=4, lr=1e-3, init_from=tiny_weights, ema=0)
+    levels = dataclasses.replace(levels, lambdas="30,300,3000")
+    start = Autoencoder.from_pretrained(train(levels, **QUIET).out)
+
+    opts = options(image_folder, tmp_path / "d.safetensors", steps=30, init_from=levels.out, ema=0)
+    opts = dataclasses.replace(opts, stage="decoder", decoder_min_scale=0.5, loss="psnr", val_dir=image_folder)
+    result = train(opts, **QUIET)
+    tuned = Autoencoder.from_pretrained(result.out)
+    assert tuned.config.quality_levels == 3 and "val_psnr" in result.metrics
+    for name, value in {**start.encoder.state_dict(), **start.levels.state_dict()}.items():
+        kept = {**tuned.encoder.state_dict(), **tuned.levels.state_dict()}[name]
+        assert torch.equal(value, kept), name
+    image = image_folder / "img0.png"
+    reference = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).float()
+    for q in (1, 2, 3):
+        files = [Codec(m).compress(image, q) for m in (start, tuned)]
+        assert files[0][HEADER_BYTES:] == files[1][HEADER_BYTES:]  # the same payload; the header names the weights
+        errors = []
+        for model, data in zip((start, tuned), files, strict=True):
+            decoded = torch.from_numpy(np.array(Codec(model).decompress(data))).float()
+            errors.append((decoded - reference).pow(2).mean())
+        assert errors[1] < errors[0], q
+
+    with pytest.raises(CodecError, match="--lambdas"):
+        train(dataclasses.replace(opts, lambdas="1,2,3", force=True), **QUIET)
+    with pytest.raises(CodecError, match="--init-from"):
+        train(dataclasses.replace(opts, init_from=None, force=True), **QUIET)
+
+    enc = options(image_folder, tmp_path / "e.safetensors", steps=4, init_from=tiny_weights, stage="encoder", ema=0)
+    encoder_only = Autoencoder.from_pretrained(train(enc, **QUIET).out)
+    first = Autoencoder.from_pretrained(tiny_weights)
+    for name, value in first.decoder.state_dict().items():
+        assert torch.equal(value, encoder_only.decoder.state_dict()[name]), name
+    assert any(
+        not torch.equal(value, encoder_only.encoder.state_dict()[name])
+        for name, value in first.encoder.state_dict().items()
+    )
