@@ -86,23 +86,56 @@ def phases(height: int, width: int) -> tuple[Phase, ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=64)
-def all_phases(height: int, width: int) -> tuple[Phase, np.ndarray]:
-    """Every phase in one: the encoder knows all codes, so it predicts them all at once.
+@dataclass(frozen=True)
+class FlatPhase:
+    """One phase over every channel of a (C, h * w) plane, as flat indices into its ravel, channel by channel."""
 
-    Also each phase's first position in the concatenation, and the end."""
-    parts = phases(height, width)
-    if not parts:
-        return Phase(np.zeros(0, np.int64), np.zeros((4, 0), np.int64)), np.zeros(1, np.int64)
-    joined = Phase(np.concatenate([p.targets for p in parts]), np.concatenate([p.neighbours for p in parts], axis=1))
-    return joined, np.cumsum([0] + [p.targets.size for p in parts])
+    targets: np.ndarray  # (C * n,) intp
+    neighbours: np.ndarray  # (4, C * n) intp
+    table: np.ndarray  # (C * n,) uint16: the channel's first table, channel * CONTEXTS; the context is added
+
+
+@dataclass(frozen=True)
+class CodingPlan:
+    """Every phase of a (C, h, w) array, flat, and all of them joined: the encoder knows every code,
+    so it predicts them in one pass, and the decoder goes phase by phase."""
+
+    phases: tuple[FlatPhase, ...]
+    joined: FlatPhase  # the phases one after the other, `table` offset by phase * C * CONTEXTS
+    bounds: np.ndarray  # where each phase starts in `joined`, and the end
+
+
+@lru_cache(maxsize=64)
+def coding_plan(channels: int, height: int, width: int) -> CodingPlan:
+    size = height * width
+    first = (np.arange(channels) * size)[:, None]  # each channel's offset in the ravel
+    flat = []
+    for phase in phases(height, width):
+        table = np.repeat(np.arange(channels, dtype=np.uint16) * CONTEXTS, phase.targets.size)
+        targets = (first + phase.targets).ravel()
+        neighbours = (first[None] + phase.neighbours[:, None, :]).reshape(4, -1)
+        flat.append(FlatPhase(targets, neighbours, table))
+    tables = channels * CONTEXTS
+    if flat:
+        joined = FlatPhase(
+            np.concatenate([f.targets for f in flat]),
+            np.concatenate([f.neighbours for f in flat], axis=1),
+            np.concatenate([f.table + np.uint16(p * tables) for p, f in enumerate(flat)]),
+        )
+    else:
+        joined = FlatPhase(np.zeros(0, np.intp), np.zeros((4, 0), np.intp), np.zeros(0, np.uint16))
+    return CodingPlan(tuple(flat), joined, np.cumsum([0] + [f.targets.size for f in flat]))
 
 
 def predict(plane: np.ndarray, phase: Phase) -> tuple[np.ndarray, np.ndarray]:
-    """(C, h * w) int16 codes -> per target, the integer prediction and the context, each (C, n).
+    """(C, h * w) int16 codes -> per target, the integer prediction and the context, each (C, n)."""
+    return predict_from(*(plane[:, index] for index in phase.neighbours))
+
+
+def predict_from(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Four neighbours' codes -> the integer prediction and the context.
 
     int16 holds every sum of four codes within +-CODE_LIMIT, and moves half the bytes of int32."""
-    a, b, c, d = (plane[:, index] for index in phase.neighbours)
     prediction = (a + b + c + d) >> 2  # floor of the mean, in integers
     spread = np.maximum(np.maximum(a, b), np.maximum(c, d)) - np.minimum(np.minimum(a, b), np.minimum(c, d))
     return prediction, np.minimum(spread, CONTEXTS - 1)
@@ -132,17 +165,15 @@ class EntropyCoder:
         self._per_symbol = model.Categorical(perfect=False)
         self._uniform = model.Uniform(2 * CODE_LIMIT + 1)
 
-    def _order(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(C, n) contexts -> the coding order, each coded symbol's table, and where runs start."""
-        table = (np.arange(self.channels, dtype=np.uint16)[:, None] * CONTEXTS + context).ravel().astype(np.uint16)
-        order = np.argsort(table, kind="stable")  # a radix sort on 16-bit keys
-        table = table[order]
-        return order, table, np.r_[0, np.flatnonzero(table[1:] != table[:-1]) + 1, table.size]
-
     @staticmethod
     def _one_call(symbols: int, bounds: int) -> bool:
         """Short runs cost more in calls than a table per symbol costs in copying."""
         return symbols < PER_SYMBOL_BELOW or bounds - 1 > symbols // 32
+
+    @staticmethod
+    def _runs(table: np.ndarray) -> np.ndarray:
+        """Where the runs of one table start in sorted `table`, and its end."""
+        return np.r_[0, np.flatnonzero(table[1:] != table[:-1]) + 1, table.size]
 
     def compress(self, codes: np.ndarray) -> bytes:
         """(C, h, w) integer codes within +-CODE_LIMIT -> bytes."""
@@ -151,30 +182,30 @@ class EntropyCoder:
             raise ValueError(f"codes have {channels} channels; the tables are for {self.channels}")
         if np.abs(codes).max(initial=0) > CODE_LIMIT:
             raise ValueError(f"codes must lie within +-{CODE_LIMIT}")
-        plane = np.ascontiguousarray(codes, dtype=np.int16).reshape(channels, -1)
+        flat = np.ascontiguousarray(codes, dtype=np.int16).ravel()
         encoder = self._stream.queue.RangeEncoder()
-        encoder.encode(plane[:, 0].astype(np.int32) + CODE_LIMIT, self._uniform)
-        joined, starts = all_phases(height, width)
-        prediction, context = predict(plane, joined)
-        tables = channels * CONTEXTS
+        encoder.encode(flat[:: height * width].astype(np.int32) + CODE_LIMIT, self._uniform)
+        plan = coding_plan(channels, height, width)
+        prediction, context = predict_from(*flat[plan.joined.neighbours])
         # the decoder's order: phase by phase, and within one sorted by table, stably
-        phase = np.repeat(np.arange(len(starts) - 1, dtype=np.uint16), np.diff(starts))
-        key = (phase * tables + np.arange(channels, dtype=np.uint16)[:, None] * CONTEXTS + context).ravel()
-        order = np.argsort(key.astype(np.uint16), kind="stable")
+        key = plan.joined.table + context.astype(np.uint16)
+        order = np.argsort(key, kind="stable")
         key = key[order]
-        values = plane[:, joined.targets].ravel()[order]
-        residual = values - prediction.ravel()[order]
+        values = flat[plan.joined.targets[order]]
+        residual = values - prediction[order]
         symbols = np.where(np.abs(residual) <= RADIUS, residual + RADIUS, ESCAPE).astype(np.int32)
-        table = key % tables
-        bounds = np.r_[0, np.flatnonzero(key[1:] != key[:-1]) + 1, key.size]  # runs of one table
-        for p in range(len(starts) - 1):
-            begin, end = starts[p] * channels, starts[p + 1] * channels
-            runs = bounds[np.searchsorted(bounds, begin) : np.searchsorted(bounds, end) + 1]
-            if self._one_call(end - begin, len(runs)):
+        table = key % np.uint16(channels * CONTEXTS)
+        runs = self._runs(key)
+        phase_runs = np.searchsorted(runs, plan.bounds)  # a phase's runs: runs[phase_runs[p] : phase_runs[p + 1] + 1]
+        for p in range(len(plan.phases)):
+            begin, end = plan.bounds[p], plan.bounds[p + 1]
+            within = runs[phase_runs[p] : phase_runs[p + 1] + 1]
+            if self._one_call(end - begin, len(within)):
                 encoder.encode(symbols[begin:end], self._per_symbol, self._probabilities[table[begin:end]])
             else:
-                for a, b in zip(runs[:-1], runs[1:], strict=True):
-                    encoder.encode(symbols[a:b], self._models[table[a]])
+                edges = within.tolist()
+                for a, b, t in zip(edges[:-1], edges[1:], table[within[:-1]].tolist(), strict=True):
+                    encoder.encode(symbols[a:b], self._models[t])
             escaped = values[begin:end][symbols[begin:end] == ESCAPE]
             if escaped.size:
                 encoder.encode(escaped.astype(np.int32) + CODE_LIMIT, self._uniform)
@@ -194,25 +225,27 @@ class EntropyCoder:
 
     def _decode(self, data: bytes, channels: int, height: int, width: int) -> np.ndarray:
         decoder = self._stream.queue.RangeDecoder(np.frombuffer(data, dtype=np.uint32).copy())
-        plane = np.zeros((channels, height * width), dtype=np.int16)
-        plane[:, 0] = decoder.decode(self._uniform, channels) - CODE_LIMIT
-        for phase in phases(height, width):
-            prediction, context = predict(plane, phase)
-            order, table, runs = self._order(context)
+        flat = np.zeros(channels * height * width, dtype=np.int16)
+        flat[:: height * width] = decoder.decode(self._uniform, channels) - CODE_LIMIT
+        for phase in coding_plan(channels, height, width).phases:
+            prediction, context = predict_from(*flat[phase.neighbours])
+            table = phase.table + context.astype(np.uint16)
+            order = np.argsort(table, kind="stable")  # a radix sort on 16-bit keys
+            table = table[order]
+            runs = self._runs(table)
             if self._one_call(table.size, len(runs)):
                 symbols = decoder.decode(self._per_symbol, self._probabilities[table])
             else:
+                edges, tables = runs.tolist(), table[runs[:-1]].tolist()
                 symbols = np.concatenate(
-                    [decoder.decode(self._models[table[a]], b - a) for a, b in zip(runs[:-1], runs[1:], strict=True)]
+                    [decoder.decode(self._models[t], b - a) for a, b, t in zip(edges[:-1], edges[1:], tables)]
                 )
-            values = prediction.ravel()[order] + symbols.astype(np.int32) - RADIUS
+            values = prediction[order] + symbols.astype(np.int32) - RADIUS
             escaped = symbols == ESCAPE
             if escaped.any():
                 values[escaped] = decoder.decode(self._uniform, int(escaped.sum())).astype(np.int32) - CODE_LIMIT
-            coded = np.empty_like(values)
-            coded[order] = values
-            plane[:, phase.targets] = coded.reshape(channels, -1)
-        return plane.reshape(channels, height, width).astype(np.int32)
+            flat[phase.targets[order]] = values
+        return flat.reshape(channels, height, width).astype(np.int32)
 
 
 def fit_tables(residual_counts: np.ndarray) -> np.ndarray:
