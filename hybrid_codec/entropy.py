@@ -237,9 +237,8 @@ class EntropyCoder:
                 symbols = decoder.decode(self._per_symbol, self._probabilities[table])
             else:
                 edges, tables = runs.tolist(), table[runs[:-1]].tolist()
-                symbols = np.concatenate(
-                    [decoder.decode(self._models[t], b - a) for a, b, t in zip(edges[:-1], edges[1:], tables)]
-                )
+                calls = zip(edges[:-1], edges[1:], tables, strict=True)
+                symbols = np.concatenate([decoder.decode(self._models[t], b - a) for a, b, t in calls])
             values = prediction[order] + symbols.astype(np.int32) - RADIUS
             escaped = symbols == ESCAPE
             if escaped.any():
