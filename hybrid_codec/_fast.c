@@ -86,9 +86,8 @@
 #define MANTISSA_OFFSET 0x3f400000 /* the bits of 0.75f: a - this, shifted, is the exponent of a = 2^e m, m in [0.75, 1.5) */
 
 typedef struct {
-    const float *linear; /* (2*O*H + 2*O, n): rows lin1, proj, kb, similar (see the top comment) */
-    float *out;          /* O rows of n, out_stride apart */
-    int64_t out_stride, channels, hidden, n;
+    float *out; /* O rows, out_stride apart */
+    int64_t out_stride, channels, hidden;
     const float *power1, *log2_scale1, *w2, *b2, *power2, *log2_scale2; /* per (o, h); w2 is (O, H, H) */
     float eps1, eps2, inv_patch;
     int threads;
@@ -118,11 +117,31 @@ typedef struct {
     int32_t *sums;       /* NULL, or (blocks, rows, BLOCK): the integer sums alone, for the tests */
 } PixelMix;
 
-/* One variant's steps; the loops over tasks and blocks (`mix`, `pixel_mix`) call them. */
+/* The whole forward from float patches: the matrix product done per task too, into the L1 cache.
+ *
+ * A task is one output channel o and one block of patches. Its rows of the product (lin1, proj,
+ * kb and similar: 2H + 2 of them) are computed from the block's patches and o's weights into a
+ * buffer of the task, and `mix_task` runs on them at once: no (2*O*H + 2*O, n) matrix is ever
+ * written to memory and read back, and every variant sums each row in the same order (one fused
+ * multiply-add per patch value, first to last), so avx2 gives avx512's results exactly. Tasks go
+ * by groups of GROUP blocks, o after o within one: the group's patches stay in the L2 cache and
+ * o's weights in the L1. */
+#define GROUP 8
+typedef struct PatchMix {
+    const float *patches; /* (n / BLOCK, k, BLOCK): each block's patches transposed, the constant 1 last */
+    int64_t k, n;         /* k = P + 1; n a multiple of BLOCK */
+    const float *weight;  /* (O, tiles, k, TILE): o's rows lin1, proj, kb, similar, padded to whole tiles */
+    int64_t tiles;
+    Mix mix;
+} PatchMix;
+
+/* One variant's steps; the loops over tasks and blocks (`patch_mix`, `pixel_mix`) call them. */
 typedef struct {
     const char *name;
     void (*activation)(const float *x, float *y, float power, float log2_scale, float eps);
-    void (*mix_task)(const Mix *m, const float *linear, int64_t n, int64_t o, int64_t j);
+    void (*mix_task)(const Mix *m, const float *lin1, const float *proj, const float *kb, const float *similar,
+                     int64_t stride, int64_t o, int64_t j);
+    void (*product)(const struct PatchMix *e, const float *weight, int64_t j, float *rows);
     void (*gather_pairs)(const PixelMix *e, int64_t j0, int32_t *pairs);
     void (*multiply)(const PixelMix *e, const int32_t *pairs, float *linear);
     void (*multiply_vnni)(const PixelMix *e, const int32_t *pairs, float *linear); /* NULL: none */
@@ -145,17 +164,19 @@ typedef struct {
         }                                                                                                            \
     }
 
-/* Output channel o for patches j .. j + BLOCK, whose matrix-product rows start at `linear`, `n`
-   values apart. The second dense layer runs two rows at a time: eight independent accumulator
-   chains, and each hidden value loaded once for both. The same C for every variant, compiled for
-   its instruction set (the loops over a block vectorize) around its activation. */
+/* Output channel o for patches j .. j + BLOCK, from its matrix-product rows: H rows lin1, H rows
+   proj, and the rows kb and similar, each `stride` values apart. The second dense layer runs two
+   rows at a time: eight independent accumulator chains, and each hidden value loaded once for
+   both. The same C for every variant, compiled for its instruction set (the loops over a block
+   vectorize) around its activation. */
 #define MIX_TASK(name, TARGET, activation, DENSE2)                                                                    \
-    TARGET static void name(const Mix *m, const float *linear, int64_t n, int64_t o, int64_t j) {                    \
-        const int64_t hidden = m->hidden, rows = m->channels * hidden;                                               \
+    TARGET static void name(const Mix *m, const float *lin1, const float *proj, const float *kb,                     \
+                            const float *similar, int64_t stride, int64_t o, int64_t j) {                            \
+        const int64_t hidden = m->hidden;                                                                            \
         float h1[MAX_HIDDEN * BLOCK], lin2[2][BLOCK], h2[BLOCK], acc[BLOCK];                                         \
         for (int64_t k = 0; k < hidden; k++) {                                                                       \
             const int64_t r = o * hidden + k;                                                                        \
-            activation(linear + r * n, h1 + k * BLOCK, m->power1[r], m->log2_scale1[r], m->eps1);                    \
+            activation(lin1 + k * stride, h1 + k * BLOCK, m->power1[r], m->log2_scale1[r], m->eps1);                 \
         }                                                                                                            \
         for (int i = 0; i < BLOCK; i++) acc[i] = 0.0f;                                                               \
         for (int64_t h = 0; h < hidden; h += 2) {                                                                    \
@@ -164,11 +185,10 @@ typedef struct {
             DENSE2(lin2, h1, w0, w1, m->b2[r0], m->b2[r1], hidden);                                                  \
             for (int64_t r = r0; r <= r1; r++) {                                                                     \
                 activation(lin2[r - r0], h2, m->power2[r], m->log2_scale2[r], m->eps2);                              \
-                const float *proj = linear + (rows + r) * n;                                                         \
-                for (int i = 0; i < BLOCK; i++) acc[i] += h2[i] * proj[i];                                           \
+                const float *p = proj + (r - o * hidden) * stride;                                                   \
+                for (int i = 0; i < BLOCK; i++) acc[i] += h2[i] * p[i];                                              \
             }                                                                                                        \
         }                                                                                                            \
-        const float *kb = linear + (2 * rows + o) * n, *similar = kb + m->channels * n;                              \
         float *dst = m->out + o * m->out_stride + j;                                                                 \
         for (int i = 0; i < BLOCK; i++) dst[i] = (acc[i] + kb[i]) * m->inv_patch + similar[i];                       \
     }
@@ -300,6 +320,39 @@ MULTIPLY(multiply_avx512, dot_pairs_avx512)
 #undef DECLARE
 #undef STEP
 #undef STORE
+
+/* rows (tiles * TILE, BLOCK) = weight . the patches j .. j + BLOCK: per tile, 4 x TILE named
+   accumulators, one fused multiply-add per patch value (see `PatchMix`). */
+AVX512 __attribute__((noinline)) static void product_avx512(const PatchMix *e, const float *weight, int64_t j,
+                                                            float *rows) {
+    for (int64_t t = 0; t < e->tiles; t++) {
+#define DECLARE(c) __m512 a0##c = _mm512_setzero_ps(), a1##c = a0##c, a2##c = a0##c, a3##c = a0##c;
+        DECLARE(0) DECLARE(1) DECLARE(2) DECLARE(3) DECLARE(4) DECLARE(5)
+#undef DECLARE
+        const float *w = weight + t * e->k * TILE;
+        for (int64_t p = 0; p < e->k; p++, w += TILE) {
+            const float *x = e->patches + (j / BLOCK * e->k + p) * BLOCK;
+            const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16), x2 = _mm512_loadu_ps(x + 32),
+                         x3 = _mm512_loadu_ps(x + 48);
+#define STEP(c)                                                                                                       \
+    {                                                                                                                 \
+        const __m512 wc = _mm512_set1_ps(w[c]);                                                                       \
+        a0##c = _mm512_fmadd_ps(wc, x0, a0##c), a1##c = _mm512_fmadd_ps(wc, x1, a1##c);                               \
+        a2##c = _mm512_fmadd_ps(wc, x2, a2##c), a3##c = _mm512_fmadd_ps(wc, x3, a3##c);                               \
+    }
+            STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5)
+#undef STEP
+        }
+#define STORE(c)                                                                                                      \
+    {                                                                                                                 \
+        float *dst = rows + (t * TILE + c) * BLOCK;                                                                   \
+        _mm512_storeu_ps(dst, a0##c), _mm512_storeu_ps(dst + 16, a1##c);                                              \
+        _mm512_storeu_ps(dst + 32, a2##c), _mm512_storeu_ps(dst + 48, a3##c);                                         \
+    }
+        STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+#undef STORE
+    }
+}
 
 
 /* ------------------------------------------------------------------ AVX2 + FMA */
@@ -444,6 +497,32 @@ AVX2 __attribute__((noinline)) static void multiply_avx2(const PixelMix *e, cons
         }
     }
 }
+
+/* As `product_avx512`, 16 patches at a time: 2 vectors x TILE rows = 12 accumulators. */
+AVX2 __attribute__((noinline)) static void product_avx2(const PatchMix *e, const float *weight, int64_t j,
+                                                        float *rows) {
+    for (int64_t t = 0; t < e->tiles; t++) {
+        for (int s = 0; s < BLOCK; s += 16) {
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a04 = a00, a05 = a00;
+            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a14 = a00, a15 = a00;
+            const float *w = weight + t * e->k * TILE;
+            for (int64_t p = 0; p < e->k; p++, w += TILE) {
+                const float *x = e->patches + (j / BLOCK * e->k + p) * BLOCK + s;
+                const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+#define STEP(c)                                                                                                       \
+    {                                                                                                                 \
+        const __m256 wc = _mm256_set1_ps(w[c]);                                                                       \
+        a0##c = _mm256_fmadd_ps(wc, x0, a0##c), a1##c = _mm256_fmadd_ps(wc, x1, a1##c);                               \
+    }
+                STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5)
+#undef STEP
+            }
+#define STORE(c) _mm256_storeu_ps(rows + (t * TILE + c) * BLOCK + s, a0##c), _mm256_storeu_ps(rows + (t * TILE + c) * BLOCK + s + 8, a1##c);
+            STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+#undef STORE
+        }
+    }
+}
 #endif /* HAVE_X86 */
 
 /* ------------------------------------------------------------------ portable C */
@@ -561,14 +640,30 @@ PORTABLE static void multiply_portable(const PixelMix *e, const int32_t *pairs, 
     }
 }
 
+/* As `product_avx512` in plain C: the same sums, one multiply-add per patch value in the same
+   order (fused where the target has FMA and the compiler contracts, else rounded twice). */
+PORTABLE static void product_portable(const PatchMix *e, const float *weight, int64_t j, float *rows) {
+    for (int64_t t = 0; t < e->tiles; t++) {
+        float acc[TILE][BLOCK] = {{0}};
+        const float *w = weight + t * e->k * TILE;
+        for (int64_t p = 0; p < e->k; p++, w += TILE) {
+            const float *x = e->patches + (j / BLOCK * e->k + p) * BLOCK;
+            for (int c = 0; c < TILE; c++)
+                for (int i = 0; i < BLOCK; i++) acc[c][i] += w[c] * x[i];
+        }
+        memcpy(rows + t * TILE * BLOCK, acc, sizeof acc);
+    }
+}
+
 /* ------------------------------------------------------------------ dispatch and entry points */
 
 static const Variant variants[] = { /* best first, as `VARIANTS` lists them */
 #if HAVE_X86
-    {"avx512", activation_avx512, mix_task_avx512, gather_pairs_avx512, multiply_avx512, multiply_vnni},
-    {"avx2", activation_avx2, mix_task_avx2, gather_pairs_avx2, multiply_avx2, NULL},
+    {"avx512", activation_avx512, mix_task_avx512, product_avx512, gather_pairs_avx512, multiply_avx512, multiply_vnni},
+    {"avx2", activation_avx2, mix_task_avx2, product_avx2, gather_pairs_avx2, multiply_avx2, NULL},
 #endif
-    {"portable", activation_portable, mix_task_portable, gather_pairs_portable, multiply_portable, NULL},
+    {"portable", activation_portable, mix_task_portable, product_portable, gather_pairs_portable, multiply_portable,
+     NULL},
 };
 #define VARIANT_COUNT ((int)(sizeof variants / sizeof variants[0]))
 
@@ -599,12 +694,19 @@ static const Variant *variant_named(const char *name) {
     return NULL;
 }
 
-static void mix(const Mix *m, const Variant *v) {
-    const int64_t blocks = m->n / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(m->threads)
-    for (int64_t task = 0; task < m->channels * blocks; task++) {
-        const int64_t o = task / blocks, j = (task % blocks) * BLOCK;
-        v->mix_task(m, m->linear + j, m->n, o, j);
+static void patch_mix(const PatchMix *e, const Variant *v) {
+    const int64_t blocks = e->n / BLOCK, groups = (blocks + GROUP - 1) / GROUP, channels = e->mix.channels;
+    const int64_t hidden = e->mix.hidden, tile_values = e->k * TILE;
+#pragma omp parallel for schedule(static) num_threads(e->mix.threads)
+    for (int64_t task = 0; task < groups * channels; task++) {
+        const int64_t group = task / channels, o = task % channels;
+        float rows[(2 * MAX_HIDDEN + 2 + TILE) * BLOCK]; /* o's rows for one block */
+        const float *weight = e->weight + o * e->tiles * tile_values;
+        for (int64_t block = group * GROUP; block < blocks && block < (group + 1) * GROUP; block++) {
+            v->product(e, weight, block * BLOCK, rows);
+            const float *kb = rows + 2 * hidden * BLOCK;
+            v->mix_task(&e->mix, rows, rows + hidden * BLOCK, kb, kb + BLOCK, BLOCK, o, block * BLOCK);
+        }
     }
 }
 
@@ -628,7 +730,12 @@ static int pixel_mix(const PixelMix *e, const Variant *v) {
             if (e->sums != NULL)
                 memcpy(e->sums + block * e->rows * BLOCK, linear, sizeof(float) * e->rows * BLOCK);
             else
-                for (int64_t o = 0; o < e->mix.channels; o++) v->mix_task(&e->mix, linear, BLOCK, o, block * BLOCK);
+                for (int64_t o = 0; o < e->mix.channels; o++) {
+                    const int64_t rows = e->mix.channels * e->mix.hidden; /* lin1 and proj rows of all channels */
+                    const float *kb = linear + (2 * rows + o) * BLOCK;
+                    v->mix_task(&e->mix, linear + o * e->mix.hidden * BLOCK, linear + (rows + o * e->mix.hidden) * BLOCK,
+                                kb, kb + e->mix.channels * BLOCK, BLOCK, o, block * BLOCK);
+                }
         }
         free(pairs);
         free(linear);
@@ -636,29 +743,32 @@ static int pixel_mix(const PixelMix *e, const Variant *v) {
     return failed;
 }
 
-/* Python entry point. The caller (hybrid_codec/fast.py) checks every tensor's dtype, shape,
-   contiguity and device and passes data pointers; this checks the sizes it relies on. */
-static PyObject *py_mix(PyObject *self, PyObject *args) {
+/* Python entry point for `patch_mix`. The caller (hybrid_codec/fast.py) checks every tensor's
+   dtype, shape, contiguity and device and passes data pointers; this checks the sizes it relies on. */
+static PyObject *py_patch_mix(PyObject *self, PyObject *args) {
     const char *name;
-    Py_ssize_t linear, out, power1, log2_scale1, w2, b2, power2, log2_scale2;
-    long long out_stride, channels, hidden, n;
+    Py_ssize_t patches, weight, out, power1, log2_scale1, w2, b2, power2, log2_scale2;
+    long long k, n, tiles, out_stride, channels, hidden;
     float eps1, eps2, inv_patch;
     int threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "snnLLLLnnfnnnnffi", &name, &linear, &out, &out_stride, &channels, &hidden, &n,
-                          &power1, &log2_scale1, &eps1, &w2, &b2, &power2, &log2_scale2, &eps2, &inv_patch, &threads))
+    if (!PyArg_ParseTuple(args, "snLLnLnLLLnnfnnnnffi", &name, &patches, &k, &n, &weight, &tiles, &out, &out_stride,
+                          &channels, &hidden, &power1, &log2_scale1, &eps1, &w2, &b2, &power2, &log2_scale2, &eps2,
+                          &inv_patch, &threads))
         return NULL;
-    if (channels < 1 || hidden < 1 || hidden > MAX_HIDDEN || n < 0 || n % BLOCK || out_stride < n || threads < 1) {
-        PyErr_SetString(PyExc_ValueError, "dynamic_from_linear: sizes out of range");
+    if (channels < 1 || hidden < 1 || hidden > MAX_HIDDEN || k < 1 || n < 0 || n % BLOCK || out_stride < n ||
+        tiles != (2 * hidden + 2 + TILE - 1) / TILE || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "dynamic_from_patches: sizes out of range");
         return NULL;
     }
     const Variant *v = variant_named(name);
     if (v == NULL) return NULL;
-    const Mix m = {(const float *)linear, (float *)out, out_stride, channels, hidden, n, (const float *)power1,
-                   (const float *)log2_scale1, (const float *)w2, (const float *)b2, (const float *)power2,
-                   (const float *)log2_scale2, eps1, eps2, inv_patch, threads};
+    const PatchMix e = {(const float *)patches, k, n, (const float *)weight, tiles,
+                        {(float *)out, out_stride, channels, hidden, (const float *)power1, (const float *)log2_scale1,
+                         (const float *)w2, (const float *)b2, (const float *)power2, (const float *)log2_scale2, eps1,
+                         eps2, inv_patch, threads}};
     Py_BEGIN_ALLOW_THREADS
-    mix(&m, v);
+    patch_mix(&e, v);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -711,7 +821,7 @@ static PyObject *py_pixel_mix(PyObject *self, PyObject *args) {
     const PixelMix e = {(const uint8_t *)pixels, height, width, channels, k, out_h, out_w, batch * out_h * out_w,
                         (const int32_t *)weight, (const float *)row_scale, (const float *)row_bias, rows,
                         k * k * channels / 2, vnni && use_vnni && v->multiply_vnni != NULL,
-                        {NULL, (float *)out, out_stride, out_channels, hidden, 0, (const float *)power1,
+                        {(float *)out, out_stride, out_channels, hidden, (const float *)power1,
                          (const float *)log2_scale1, (const float *)w2, (const float *)b2, (const float *)power2,
                          (const float *)log2_scale2, eps1, eps2, inv_patch, threads},
                         NULL};
@@ -737,7 +847,7 @@ static PyObject *py_pixel_sums(PyObject *self, PyObject *args) {
     if (v == NULL) return NULL;
     const PixelMix e = {(const uint8_t *)pixels, height, width, channels, k, out_h, out_w, n, (const int32_t *)weight,
                         NULL, NULL, rows, k * k * channels / 2, vnni && use_vnni && v->multiply_vnni != NULL,
-                        {NULL, NULL, 0, out_channels, hidden, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, 1},
+                        {NULL, 0, out_channels, hidden, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, 1},
                         (int32_t *)out};
     return run_pixel_mix(&e, v);
 }
@@ -761,7 +871,7 @@ static PyObject *py_activation(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"dynamic_from_linear", py_mix, METH_VARARGS, "DynamicConv's eval forward after its matrix product (see fast.py)."},
+    {"dynamic_from_patches", py_patch_mix, METH_VARARGS, "DynamicConv's eval forward from float patches (see fast.py)."},
     {"activation", py_activation, METH_VARARGS, "The HybridDense activation of n values (see fast.py)."},
     {"dynamic_from_pixels", py_pixel_mix, METH_VARARGS, "The encoder's forward from 8-bit pixels (see fast.py)."},
     {"pixel_sums", py_pixel_sums, METH_VARARGS, "The integer sums of dynamic_from_pixels alone (for the tests)."},

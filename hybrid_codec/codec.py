@@ -110,6 +110,10 @@ class Codec:
     @torch.inference_mode()
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
         """Float latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1]."""
+        return self.fast.decode(self.decodable(latents))
+
+    def decodable(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents as the decoder takes them, float32 on the codec's device; CodecError if they cannot be."""
         if not isinstance(latents, torch.Tensor) or latents.device.type == "meta":
             raise CodecError(f"expected a latent tensor with data, not {type(latents).__name__}")
         if latents.dim() != 4 or latents.shape[1] != self.config.latent_channels or not latents.numel():
@@ -118,7 +122,7 @@ class Codec:
         check_size(f * (w - 1) + 1, f * (h - 1) + 1, "latents' image", max_pixels=self.max_pixels)
         if not torch.isfinite(latents).all():
             raise CodecError("the latents hold NaN or infinite values")
-        return self.fast.decode(latents.to(self.device, torch.float32))
+        return latents.to(self.device, torch.float32)
 
     def roundtrip_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """Encode, quantize to 8 bits, decode and crop back: what a latent file gives."""
@@ -206,8 +210,11 @@ class Codec:
             return decode_tiled(
                 self.decode_tensor, latents, latent.height, latent.width, self.tile, halo, self.config.downscale
             )
-        image = self.decode_tensor(latents)
-        return tensor_to_image(image[0, :, : latent.height, : latent.width])
+        if not isinstance(self.fast, FastAutoencoder):
+            return tensor_to_image(self.decode_tensor(latents)[0, :, : latent.height, : latent.width])
+        with torch.inference_mode():
+            pixels = self.fast.decode_pixels(self.decodable(latents))[0, : latent.height, : latent.width]
+        return Image.fromarray(np.ascontiguousarray(pixels.cpu().numpy()), "RGB")
 
     def to_bytes(self, latent: Latent) -> bytes:
         """The compact file of a quality-level latent; the `.pt` dict of an 8-bit one."""

@@ -173,6 +173,8 @@ class EntropyCoder:
     @staticmethod
     def _runs(table: np.ndarray) -> np.ndarray:
         """Where the runs of one table start in sorted `table`, and its end."""
+        if not table.size:
+            return np.zeros(1, np.intp)
         return np.r_[0, np.flatnonzero(table[1:] != table[:-1]) + 1, table.size]
 
     def compress(self, codes: np.ndarray) -> bytes:
@@ -196,19 +198,21 @@ class EntropyCoder:
         symbols = np.where(np.abs(residual) <= RADIUS, residual + RADIUS, ESCAPE).astype(np.int32)
         table = key % np.uint16(channels * CONTEXTS)
         runs = self._runs(key)
-        phase_runs = np.searchsorted(runs, plan.bounds)  # a phase's runs: runs[phase_runs[p] : phase_runs[p + 1] + 1]
+        escaped = np.flatnonzero(symbols == ESCAPE)
+        escapes = values[escaped].astype(np.int32) + CODE_LIMIT
+        # each phase's runs and escapes: runs start where phases do (the key holds the phase)
+        bounds, phase_runs = plan.bounds.tolist(), np.searchsorted(runs, plan.bounds).tolist()
+        phase_escapes = np.searchsorted(escaped, plan.bounds).tolist()
+        edges, run_tables, models = runs.tolist(), table[runs[:-1]].tolist(), self._models
         for p in range(len(plan.phases)):
-            begin, end = plan.bounds[p], plan.bounds[p + 1]
-            within = runs[phase_runs[p] : phase_runs[p + 1] + 1]
-            if self._one_call(end - begin, len(within)):
+            begin, end, first, last = bounds[p], bounds[p + 1], phase_runs[p], phase_runs[p + 1]
+            if self._one_call(end - begin, last - first + 1):
                 encoder.encode(symbols[begin:end], self._per_symbol, self._probabilities[table[begin:end]])
             else:
-                edges = within.tolist()
-                for a, b, t in zip(edges[:-1], edges[1:], table[within[:-1]].tolist(), strict=True):
-                    encoder.encode(symbols[a:b], self._models[t])
-            escaped = values[begin:end][symbols[begin:end] == ESCAPE]
-            if escaped.size:
-                encoder.encode(escaped.astype(np.int32) + CODE_LIMIT, self._uniform)
+                for r in range(first, last):
+                    encoder.encode(symbols[edges[r] : edges[r + 1]], models[run_tables[r]])
+            if phase_escapes[p + 1] > phase_escapes[p]:
+                encoder.encode(escapes[phase_escapes[p] : phase_escapes[p + 1]], self._uniform)
         return encoder.get_compressed().tobytes()
 
     def decompress(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:

@@ -40,11 +40,6 @@ except ImportError:  # built without a C compiler: PyTorch does the work
 BLOCK = 64
 """Patches per kernel task (four AVX-512 vectors, eight AVX2 ones); the kernel takes a multiple of it."""
 
-KERNEL_CHUNK_VALUES = 2**20
-"""Values of the matrix product's output per chunk of patches for the kernel (4 MB, about 128
-patches for the decoder, the whole image for the encoder): it reads them while they are still in
-the CPU's cache (see benchmarks/speed.py)."""
-
 PYTORCH_CHUNK_VALUES = 2**21
 """Hidden values per chunk of patches on the PyTorch path: a chunk's intermediates stay in the
 CPU's caches, and memory stays bounded however large the image."""
@@ -90,11 +85,13 @@ def kernel_available() -> bool:
 class FoldedWeights:
     """One input layout's weights: the (2*O*H + 2*O, P + 1) matrix of everything linear in the patch
     (rows: dense1 before its activation, patch . W_o, patch . b_o, similar_conv; last column: the
-    biases, against the patches' constant 1), dense2 with norm1 folded in, and the pixel kernel's integer weights."""
+    biases, against the patches' constant 1), dense2 with norm1 folded in, and the kernel's
+    layouts of `linear`: grouped by output channel, and rounded to integers for 8-bit pixels."""
 
     linear: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
+    grouped: torch.Tensor | None = field(default=None, repr=False)
     integers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -290,26 +287,30 @@ class FastDynamicConv:
         return (*pointers[:2], eps1, *pointers[2:], eps2, 1.0 / self.patch_size, torch.get_num_threads())
 
     def _kernel_from_patches(self, patches: torch.Tensor, weights: FoldedWeights) -> torch.Tensor:
-        o, h = self.out_channels, self.hidden
-        linear_weight = weights.linear
-        total = patches.shape[0]
-        chunk = max(1, round(KERNEL_CHUNK_VALUES / linear_weight.shape[0] / BLOCK)) * BLOCK
-        out = patches.new_empty(o, total + -total % BLOCK)
-        for start in range(0, total, chunk):
-            part = patches[start : start + chunk]
-            if part.shape[0] % BLOCK:  # the kernel takes whole blocks: the last one is padded, its extra rows dropped
-                part = torch.cat([part, part.new_zeros(-part.shape[0] % BLOCK, part.shape[1])])
-            linear = (linear_weight @ part.T).contiguous()  # (2*O*H + 2*O, n), rows in the order the kernel reads
-            _fast.dynamic_from_linear(
-                kernel_variant(),
-                linear.data_ptr(),
-                out[:, start:].data_ptr(),
-                out.stride(0),
-                o,
-                h,
-                part.shape[0],
-                *self._arguments(self._kernel_parameters),
-            )
+        """The whole layer from float patches, the product done by the kernel too, per output
+        channel and block of patches (see `grouped_weights`)."""
+        if weights.grouped is None:
+            weights.grouped = grouped_weights(weights.linear, self.out_channels, self.hidden)
+        total, k = patches.shape
+        blocks = -(-total // BLOCK)  # the kernel takes whole blocks, each transposed: (blocks, k, BLOCK)
+        if total % BLOCK:
+            patches = torch.cat([patches, patches.new_zeros(blocks * BLOCK - total, k)])
+        transposed = patches.new_empty(blocks, k, BLOCK)
+        transposed.transpose(1, 2).copy_(patches.view(blocks, BLOCK, k))
+        out = patches.new_empty(self.out_channels, blocks * BLOCK)
+        _fast.dynamic_from_patches(
+            kernel_variant(),
+            transposed.data_ptr(),
+            k,
+            blocks * BLOCK,
+            weights.grouped.data_ptr(),
+            weights.grouped.shape[1],
+            out.data_ptr(),
+            out.stride(0),
+            self.out_channels,
+            self.hidden,
+            *self._arguments(self._kernel_parameters),
+        )
         return out[:, :total]
 
     def _kernel_from_pixels(self, x: torch.Tensor, weights: FoldedWeights) -> torch.Tensor:
@@ -343,6 +344,21 @@ class FastDynamicConv:
             bool(_fast.VNNI),
         )
         return out[:, :total]
+
+
+def grouped_weights(linear: torch.Tensor, channels: int, hidden: int) -> torch.Tensor:
+    """The linear matrix (R, P + 1) as the float kernel reads it, (O, tiles, P + 1, TILE): per output
+    channel o its rows lin1, proj, kb and similar (2H + 2), zero-padded to whole tiles of TILE rows,
+    each tile's column of TILE values contiguous."""
+    o, h = channels, hidden
+    index = torch.arange(o)[:, None]
+    rows = torch.cat(
+        [index * h + torch.arange(h), o * h + index * h + torch.arange(h), 2 * o * h + index, 2 * o * h + o + index], 1
+    )  # (O, 2H + 2)
+    tiles = -(-rows.shape[1] // _fast.TILE)
+    grouped = linear.float()[rows.to(linear.device)]  # (O, 2H + 2, P + 1)
+    grouped = torch.cat([grouped, grouped.new_zeros(o, tiles * _fast.TILE - rows.shape[1], grouped.shape[2])], 1)
+    return grouped.view(o, tiles, _fast.TILE, -1).transpose(2, 3).contiguous()
 
 
 def integer_weights(linear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -396,3 +412,14 @@ class FastAutoencoder:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.shuffle(self.decoder(latents)).clamp(0, 1)
+
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> 8-bit images (B, 8h, 8w, 3), channels-last as image arrays are:
+        `decode`'s pixel shuffle, clamp and rounding to 8 bits in place and one copy."""
+        out = self.decoder(latents).transpose(0, 1)  # (O, B, h, w): the decoder's own, contiguous output
+        batch, (height, width), factor = latents.shape[0], latents.shape[2:], self.shuffle.upscale_factor
+        channels = out.shape[0] // factor**2
+        values = out.view(channels, factor, factor, batch, height, width).clamp_(0, 1).mul_(255).round_()
+        pixels = torch.empty(batch, height, factor, width, factor, channels, dtype=torch.uint8, device=out.device)
+        pixels.copy_(values.permute(3, 4, 1, 5, 2, 0))  # (B, y, dy, x, dx, c): output pixel (y * f + dy, x * f + dx)
+        return pixels.view(batch, height * factor, width * factor, channels)

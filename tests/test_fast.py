@@ -186,14 +186,14 @@ def test_kernel_output_does_not_depend_on_thread_count(variant):
     assert torch.equal(one, two)
 
 
-def test_chunks_do_not_change_the_output(monkeypatch, variant):
+def test_a_patch_output_does_not_depend_on_its_block(variant):
+    """Two images in one batch put their patches in other blocks and groups of blocks than each
+    image alone (930 patches each, 30 blocks in all): the same outputs, bit for bit."""
     layer = random_layer(4, 6, 3, 1, "same", hidden=5).float().eval()
     plan = FastDynamicConv(layer)
-    x = torch.randn(1, 4, 30, 31, generator=torch.Generator().manual_seed(5))  # 930 patches
+    x = torch.randn(2, 4, 30, 31, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
-        whole = plan(x)
-        monkeypatch.setattr(fast, "KERNEL_CHUNK_VALUES", 64 * (2 * 6 * 5 + 2 * 6))  # 64 patches a chunk: 15 chunks
-        assert torch.equal(plan(x), whole)
+        assert torch.equal(plan(x), torch.cat([plan(x[:1]), plan(x[1:])]))
 
 
 EDGES = [float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e30, 0.0, -0.0, 1e-40, -1e-40, 1e-6, 0.5, 2.0, -3.0]
@@ -275,11 +275,15 @@ def test_export_and_tracing_take_the_pytorch_path_and_match(record):
 def test_kernel_refuses_sizes_it_cannot_take():
     buffer = torch.zeros(1024)
     ptr = buffer.data_ptr()
-    mix = functools.partial(fast._fast.dynamic_from_linear, RUNNABLE[0])
+    mix = functools.partial(fast._fast.dynamic_from_patches, RUNNABLE[0], ptr, 5)
+    rest = (ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
     with pytest.raises(ValueError, match="sizes"):  # 10 patches: not whole 64-patch blocks
-        mix(ptr, ptr, 10, 1, 1, 10, ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
+        mix(10, ptr, 1, ptr, 10, 1, 1, *rest)
     with pytest.raises(ValueError, match="sizes"):  # more hidden features than its buffers hold
-        mix(ptr, ptr, 64, 1, 65, 64, ptr, ptr, 1e-6, ptr, ptr, ptr, ptr, 1e-6, 1.0, 1)
+        mix(64, ptr, 22, ptr, 64, 1, 65, *rest)
+    with pytest.raises(ValueError, match="sizes"):  # weights in fewer tiles than 2H + 2 rows need
+        mix(64, ptr, 1, ptr, 64, 1, 3, *rest)
+    mix(64, ptr, 1, ptr, 64, 1, 1, *rest)  # the sizes it takes: a 1024-value buffer holds them all
 
 
 def test_codec_output_with_and_without_the_kernel(monkeypatch, variant):
@@ -483,3 +487,16 @@ def test_avx2_gives_the_avx512_results_exactly():
     for power, scale, eps in [(0.25, 1.3, 1e-6), (1.0, -0.5, 1e-6), (4.0, 9.0, 1e-6), (2.7, 1e-3, 1e-42)]:
         avx512, avx2 = (fast.kernel_activation(x, power, scale, eps, v) for v in ("avx512", "avx2"))
         assert torch.equal(avx512.view(torch.int32), avx2.view(torch.int32)), (power, scale, eps)
+
+
+@pytest.mark.skipif(not {"avx512", "avx2"} <= set(RUNNABLE), reason="this CPU does not run both avx512 and avx2")
+def test_avx2_gives_the_avx512_layer_exactly(monkeypatch):
+    """The float product too: each row summed in the same order, one fused multiply-add a value."""
+    layer = random_layer(4, 24, 3, 1, "same", hidden=11).float().eval()
+    x = torch.randn(1, 4, 40, 37, generator=torch.Generator().manual_seed(8))
+    outputs = []
+    for name in ("avx512", "avx2"):
+        monkeypatch.setenv("HYBRID_CODEC_KERNEL", name)
+        with torch.inference_mode():
+            outputs.append(FastDynamicConv(layer)(x))
+    assert torch.equal(*outputs)
