@@ -393,16 +393,23 @@ AVX2 static inline __attribute__((always_inline)) void activation_avx2_part(cons
     }
     HORNER6(AVX2_CHAINS, _mm256_fmadd_ps, _mm256_set1_ps, f, X5, X4, X3, X2, X1, X0);
     for (int i = 0; i < AVX2_CHAINS; i++) {
-        /* n = inf (a = inf) clamps to N_HIGH; q is NaN there, and min takes NaN to max float too */
-        const __m256 clamped = _mm256_min_ps(_mm256_max_ps(n[i], _mm256_set1_ps(N_LOW)), _mm256_set1_ps(N_HIGH));
-        const __m256 n1 = _mm256_min_ps(_mm256_max_ps(clamped, _mm256_set1_ps(-124.0f)), _mm256_set1_ps(127.0f));
         const __m256i bias = _mm256_set1_epi32(127);
-        const __m256 pow1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n1), bias), 23));
-        const __m256 pow2 = _mm256_castsi256_ps(
-            _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(_mm256_sub_ps(clamped, n1)), bias), 23));
-        const __m256 r = _mm256_min_ps(_mm256_mul_ps(_mm256_mul_ps(q[i], pow1), pow2), _mm256_set1_ps(MAX_FLOAT));
+        __m256 r;
+        const __m256 usual = _mm256_and_ps(_mm256_cmp_ps(n[i], _mm256_set1_ps(-124.0f), _CMP_GE_OQ),
+                                           _mm256_cmp_ps(n[i], _mm256_set1_ps(126.0f), _CMP_LE_OQ));
+        if (_mm256_movemask_ps(usual) == 0xff) { /* q * 2^n is a normal float: one exact power of two */
+            r = _mm256_mul_ps(q[i], _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n[i]), bias), 23)));
+        } else {
+            /* n = inf (a = inf) clamps to N_HIGH; q is NaN there, and min takes NaN to max float too */
+            const __m256 clamped = _mm256_min_ps(_mm256_max_ps(n[i], _mm256_set1_ps(N_LOW)), _mm256_set1_ps(N_HIGH));
+            const __m256 n1 = _mm256_min_ps(_mm256_max_ps(clamped, _mm256_set1_ps(-124.0f)), _mm256_set1_ps(127.0f));
+            const __m256 pow1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n1), bias), 23));
+            const __m256 pow2 = _mm256_castsi256_ps(
+                _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(_mm256_sub_ps(clamped, n1)), bias), 23));
+            r = _mm256_min_ps(_mm256_mul_ps(_mm256_mul_ps(q[i], pow1), pow2), _mm256_set1_ps(MAX_FLOAT));
+        }
         const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
-        const __m256 signed_r = _mm256_or_ps(_mm256_andnot_ps(sign, r), _mm256_and_ps(sign, v[i]));
+        const __m256 signed_r = _mm256_or_ps(r, _mm256_and_ps(sign, v[i])); /* r >= 0: q and 2^n are positive */
         _mm256_storeu_ps(y + 8 * i, _mm256_and_ps(signed_r, _mm256_cmp_ps(v[i], v[i], _CMP_ORD_Q))); /* NaN x -> 0 */
     }
 }
