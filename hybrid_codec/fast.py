@@ -420,6 +420,8 @@ class FastAutoencoder:
         batch, (height, width), factor = latents.shape[0], latents.shape[2:], self.shuffle.upscale_factor
         channels = out.shape[0] // factor**2
         values = out.view(channels, factor, factor, batch, height, width).clamp_(0, 1).mul_(255).round_()
-        pixels = torch.empty(batch, height, factor, width, factor, channels, dtype=torch.uint8, device=out.device)
-        pixels.copy_(values.permute(3, 4, 1, 5, 2, 0))  # (B, y, dy, x, dx, c): output pixel (y * f + dy, x * f + dx)
+        # (c, dy, dx, B, y, x) -> (B, y, dy, x, dx, c), output pixel (y * f + dy, x * f + dx), in two
+        # copies of bytes: twice as fast as one copy of scattered floats
+        grouped = values.to(torch.uint8).permute(3, 1, 2, 0, 4, 5).contiguous()  # (B, dy, dx, c, y, x)
+        pixels = grouped.permute(0, 4, 1, 5, 2, 3).contiguous()
         return pixels.view(batch, height * factor, width * factor, channels)

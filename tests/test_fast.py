@@ -500,3 +500,20 @@ def test_avx2_gives_the_avx512_layer_exactly(monkeypatch):
         with torch.inference_mode():
             outputs.append(FastDynamicConv(layer)(x))
     assert torch.equal(*outputs)
+
+
+def test_decode_pixels_are_decode_in_8_bits(variant):
+    """The codec's 8-bit output, shuffled and rounded in place, is `decode`'s float image rounded."""
+    from conftest import TINY
+
+    from hybrid_codec.models import Autoencoder
+
+    torch.manual_seed(3)
+    plan = fast.FastAutoencoder(Autoencoder(TINY).eval())
+    latents = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.inference_mode():
+        expected = (plan.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        got = plan.decode_pixels(latents)
+    assert got.shape == (2, 40, 56, 3) and got.is_contiguous()
+    assert torch.equal(got, expected)
+    assert 0 < (got == 0).float().mean() < 1 and 0 < (got == 255).float().mean() < 1  # both clamps exercised
