@@ -8,18 +8,18 @@ times include its entropy coding. The codec encodes the image's HxWx3 uint8 arra
 input, as a PIL image is Pillow's); "from a PIL image" adds Pillow's export of the pixels
 (`np.asarray(image)`, about 1.3 ms here, paid inside Pillow by its JPEG encoder too).
 
-Rows: the model (default `photo`) at its highest quality level, through the compact file with
-its entropy coding, with the compiled kernel where one serves (`hybrid_codec/fast.py`: the
-variant is printed in the first line; `HYBRID_CODEC_KERNEL=avx2` or `portable` takes a lower
-one); the 8-bit `.pt` files of before quality levels (the `native` weights, the same
-architecture: the baseline the levels must stay within 10% of); the level with PyTorch only
-(HYBRID_CODEC_KERNEL=0); the loop reference (the `native` weights through
-`tests/loop_reference.py`, one Python loop iteration per output channel) and Pillow JPEG at
-quality 20. The contenders run in interleaved
-rounds; in each, every job runs once to warm up and then once (or, under 20 ms, five times,
-keeping the median), and each figure is the median over the rounds: this machine's speed drifts
-by up to a third within minutes, and interleaving keeps that drift out of the ratios. `--profile`
-also prints where one decode spends its time, per PyTorch operator (the kernel shows as its caller).
+Rows: the model (default `photo`) at its highest quality level, through the compact file with its
+entropy coding, with the compiled kernel where one serves (`hybrid_codec/fast.py`: the variant is
+printed in the first line; `HYBRID_CODEC_KERNEL=avx2` or `portable` takes a lower one); the 8-bit
+`.pt` files of before quality levels (the `native` weights, the same architecture: the baseline
+the levels must stay within 10% of); the level with PyTorch only (HYBRID_CODEC_KERNEL=0); the loop
+reference (the `native` weights through `tests/loop_reference.py`, one Python loop iteration per
+output channel) and Pillow JPEG at quality 20; last, the level's entropy coding alone (codes <->
+payload: `entropy.EntropyCoder`). The contenders run in interleaved rounds; in each, every job
+runs once to warm up and then once (or, under 20 ms, five times, keeping the median), and each
+figure is the median over the rounds: this machine's speed drifts by up to a third within minutes,
+and interleaving keeps that drift out of the ratios. `--profile` also prints where one decode
+spends its time, per PyTorch operator (the kernel shows as its caller).
 
 A second table times the model alone (a float (1, 3, 512, 768) tensor -> latent -> image, no
 quantization or file) in onnxruntime on the CPU, the graphs of `hybrid-codec export`, at each graph
@@ -241,6 +241,13 @@ def main() -> None:
             lambda: Image.open(io.BytesIO(jpeg_data)).load(),
         ),
     }
+    if top:  # the part of the level's times that the 8-bit files spend on deflate instead
+        codes = codec.encode(pixels, top).codes.numpy()
+        coder, payload = codec.levels.coder(top), codec.levels.coder(top).compress(codes)
+        contenders[f"{level}: its entropy coding alone"] = (
+            lambda: coder.compress(codes),
+            lambda: coder.decompress(payload, codes.shape),
+        )
     median = median_times(contenders, args.rounds)
 
     kernel = f"kernel variant {fast.kernel_description()}"

@@ -1,17 +1,18 @@
-/* The CPU kernel of DynamicConv's inference forward: everything after its one big matrix product.
+/* The CPU kernel of DynamicConv's inference forward.
  *
  * In eval mode `DynamicConv.mix` is one matrix product (the patches times every linear map of
- * the layer, see `fused_weights`) followed by, per output channel o and patch j:
+ * the layer, see fast.py's `_fold_batchnorm`) followed by, per output channel o and patch j:
  *
  *     h1  = act1(lin1[o, :, j])                      HybridDense activation (BatchNorm folded)
  *     h2  = act2(w2[o] @ h1 + b2[o])                 second HybridDense
  *     out = (h2 . proj[o, :, j] + kb[o, j]) / P + similar[o, j]
  *
  * with act(v) = copysign(|scale| * (relu(v) + eps) ** power, v), NaN -> 0, inf -> max float.
- * PyTorch runs this as about twenty passes over (O, H, N) tensors; here it is one pass, 64
- * patches at a time, with the hidden values in the L1 cache. The power is
- * 2 ** (power * log2(x) + log2 |scale|), with an exponent/mantissa split and polynomial log2 and
- * exp2: relative error about 1e-6 (float32 itself resolves 6e-8).
+ * PyTorch runs this as the product and then about twenty passes over (O, H, N) tensors; here
+ * one task (an output channel and 64 patches) computes its rows of the product and everything
+ * after them, with its values in the L1 cache. The power is 2 ** (power * log2(x) + log2 |scale|),
+ * with an exponent/mantissa split and polynomial log2 and exp2: relative error about 1e-6
+ * (float32 itself resolves 6e-8).
  *
  * Three variants of the same steps, one chosen per call (fast.py asks for the best that
  * `VARIANTS` lists, the CPU's features read once at import):

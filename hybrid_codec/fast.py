@@ -10,14 +10,16 @@ is one matrix product, both eval-mode BatchNorms are folded into the weights aft
 columns of that matrix follow the input: scaled by 1/255 for 8-bit images and ordered (ky, kx, c)
 for channels-last image arrays, which are read in memory order without a copy.
 
-After the product, the compiled kernel (`_fast.c`, built with the package where a C compiler is
-present) does in one pass what PyTorch does in about twenty: both activations, the second dense
-layer and the kernel products. For 8-bit images it does the product too, on 16-bit integer
-weights straight from the pixels. It has one variant per instruction set, the best the CPU runs
-chosen at each call (`kernel_variant`): `avx512`, `avx2` (AVX2 + FMA), `portable` (plain C,
-vectorized by the compiler: NEON on ARM64). Elsewhere (no kernel, other devices, float64)
-PyTorch runs the same steps. `HYBRID_CODEC_KERNEL=0` turns the kernel off; a variant's name
-(`avx2`, `portable`) takes at most that one, which is how the tests run every variant a CPU has.
+The compiled kernel (`_fast.c`, built with the package where a C compiler is present) does the
+product and, in the same pass, what PyTorch does in about twenty after it: both activations, the
+second dense layer and the kernel products, one output channel and 64 patches at a time (the rows
+of `grouped_weights`), so the product's output never leaves the L1 cache. For 8-bit images it does
+the product on 16-bit integer weights straight from the pixels. It has one variant per instruction
+set, the best the CPU runs chosen at each call (`kernel_variant`): `avx512`, `avx2` (AVX2 + FMA),
+`portable` (plain C, vectorized by the compiler: NEON on ARM64). Elsewhere (no kernel, other
+devices, float64) PyTorch runs the same steps. `HYBRID_CODEC_KERNEL=0` turns the kernel off; a
+variant's name (`avx2`, `portable`) takes at most that one, which is how the tests run every
+variant a CPU has.
 """
 
 from __future__ import annotations
