@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,12 +122,21 @@ class StoredLatentCrops(torch.utils.data.Dataset):
     decoder kernel's reach (zeros beyond the image: the decoder's own padding), and the pixels of
     its interior.
 
-    Each photo at each of `scales`, encoded once by `model`'s encoder at each of its quality levels
-    (or in its 8-bit min/max file, for a model without levels): a decoder trained on these learns
-    what the files it will read hold, and the encoder's codes keep their meaning.
+    Each photo at each of `scales`, encoded once by `model`'s encoder at each of `levels` (default:
+    each of its quality levels; a level listed twice is seen twice as often), or in its 8-bit
+    min/max file for a model without levels: a decoder trained on these learns what the files it
+    will read hold, and the encoder's codes keep their meaning.
     """
 
-    def __init__(self, paths: list[Path], model: torch.nn.Module, crop: int, seed: int, scales: list[float]) -> None:
+    def __init__(
+        self,
+        paths: list[Path],
+        model: torch.nn.Module,
+        crop: int,
+        seed: int,
+        scales: list[float],
+        levels: Sequence[int] = (),
+    ) -> None:
         from .codec import Codec
         from .models import Autoencoder
 
@@ -136,13 +145,17 @@ class StoredLatentCrops(torch.utils.data.Dataset):
         frozen = Autoencoder(model.config)
         frozen.load_state_dict(model.state_dict())
         codec = Codec(frozen, tile=None)
-        qualities = list(range(1, codec.quality_levels + 1)) or [None]
+        if any(level > codec.quality_levels for level in levels):
+            have = f"levels 1 to {codec.quality_levels}" if codec.quality_levels else "no quality levels"
+            raise CodecError(f"--decoder-levels {','.join(map(str, levels))}: the model has {have}")
+        qualities = list(levels) or list(range(1, codec.quality_levels + 1)) or [None]
         self.pairs: list[tuple[np.ndarray, torch.Tensor]] = []
         for path in paths:
             for scale in scales:
                 pixels = scaled_pixels(path, scale)
                 if min(pixels.shape[:2]) // self.factor * self.factor >= crop:
-                    self.pairs += [(pixels, codec.encode(pixels, q).dequantize()[0]) for q in qualities]
+                    coded = {q: codec.encode(pixels, q).dequantize()[0] for q in dict.fromkeys(qualities)}
+                    self.pairs += [(pixels, coded[q]) for q in qualities]  # a level listed twice is shown twice
         if not self.pairs:
             raise CodecError(f"no training image is at least --crop {crop} pixels on each side at every scale")
 

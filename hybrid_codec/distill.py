@@ -35,7 +35,7 @@ from .metrics import psnr
 from .models import Autoencoder, CodecConfig
 from .options import DistillOptions
 from .quantize import dequantize, fake_quantize, quantize
-from .training import Distributed, FitResult, Recipe, Reporter, fit, initial_weights
+from .training import Distributed, FitResult, Recipe, Reporter, decoder_levels, fit, initial_weights
 
 TILE_NAME = re.compile(r"^(?P<image>.+)_y(?P<y>\d+)_x(?P<x>\d+)\.npy$")
 SCALED_FOLDER = re.compile(r"-s(?P<digits>\d{2,})$")
@@ -263,7 +263,8 @@ class Distillation(Recipe):
         """The decoder stage's data: what the --init-from encoder's files hold, at every scale."""
         encoder = initial_weights(self.opts.init_from, self.opts.model)
         scales = decoder_scales(self.opts.decoder_min_scale)
-        return StoredLatentCrops(self.train_paths, encoder, self.opts.crop, self.opts.seed, scales)
+        levels = decoder_levels(self.opts)
+        return StoredLatentCrops(self.train_paths, encoder, self.opts.crop, self.opts.seed, scales, levels)
 
     def model(self, config: CodecConfig) -> Autoencoder:
         model = super().model(config)

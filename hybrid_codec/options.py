@@ -99,6 +99,12 @@ class LoopOptions:
     decoder_min_scale: float = option(
         0.25, "--stage decoder shows the photos at scales from this to 1.", reproducible=True
     )
+    decoder_levels: str = option(
+        "",
+        "--stage decoder learns the files of these quality levels, comma-separated, each as often as it is listed "
+        "(e.g. 1,3,5,6,7,7,8,8,9,9; empty: every level once).",
+        reproducible=True,
+    )
     workers: int = option(2, "Data-loading worker processes.")
     model: CodecConfig = dataclasses.field(default_factory=CodecConfig)
     force: bool = option(False, "Overwrite an existing --out and checkpoint (the run starts afresh).")

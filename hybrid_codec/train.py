@@ -24,7 +24,7 @@ from .levels import RateProxy, export_levels
 from .metrics import ms_ssim_loss_value, psnr
 from .models import Autoencoder, CodecConfig
 from .options import TrainOptions
-from .training import Distributed, FitResult, Recipe, Reporter, fit, initial_weights
+from .training import Distributed, FitResult, Recipe, Reporter, decoder_levels, fit, initial_weights
 from .zoo import resolve_weights
 
 LOSSES = ("mse", "psnr", "ms-ssim", "mix")
@@ -134,7 +134,8 @@ class DecoderStage(Photos):
         crops = super().setup(device, log)
         source = initial_weights(self.opts.init_from, self.opts.model)
         scales = decoder_scales(self.opts.decoder_min_scale)
-        return StoredLatentCrops(crops.paths, source, self.opts.crop, self.opts.seed, scales)
+        levels = decoder_levels(self.opts)
+        return StoredLatentCrops(crops.paths, source, self.opts.crop, self.opts.seed, scales, levels)
 
     def model(self, config: CodecConfig) -> Autoencoder:
         model = Autoencoder(config)

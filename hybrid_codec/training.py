@@ -351,6 +351,8 @@ def check_loop_options(opts: LoopOptions) -> None:
         raise CodecError("--stage decoder trains a decoder for a given encoder: pass --init-from")
     if not 0 < opts.decoder_min_scale <= 1:
         raise CodecError(f"--decoder-min-scale must be in (0, 1], not {opts.decoder_min_scale}")
+    if decoder_levels(opts) and opts.stage != "decoder":
+        raise CodecError("--decoder-levels chooses what --stage decoder learns: pass --stage decoder too")
     check_device(str(opts.device))
     if opts.resume is None and not opts.force:
         for existing in (opts.out, opts.checkpoint):
@@ -358,6 +360,18 @@ def check_loop_options(opts: LoopOptions) -> None:
                 raise CodecError(
                     f"{existing} exists; --resume {opts.checkpoint} to continue that run, or --force to start afresh"
                 )
+
+
+def decoder_levels(opts: LoopOptions) -> list[int]:
+    """--decoder-levels as a list (empty: every level once); the recipe checks them against the model's levels."""
+    text = opts.decoder_levels.strip()
+    try:
+        levels = [int(v) for v in text.split(",")] if text else []
+    except ValueError:
+        raise CodecError(f"--decoder-levels must be comma-separated level numbers, not {text!r}") from None
+    if any(level < 1 for level in levels):
+        raise CodecError(f"--decoder-levels are quality levels, 1 or more, not {text!r}")
+    return levels
 
 
 def changed_options(opts: LoopOptions, saved: dict) -> list[str]:

@@ -490,6 +490,20 @@ def test_stages_train_one_half_and_the_decoder_stage_keeps_every_code(image_fold
     with pytest.raises(CodecError, match="--init-from"):
         train(dataclasses.replace(opts, init_from=None, force=True), **QUIET)
 
+    # --decoder-levels: the levels shown, each as often as listed, in that order
+    from hybrid_codec.data import StoredLatentCrops
+
+    paths = sorted(image_folder.glob("*.png"))
+    every, weighted = (StoredLatentCrops(paths, start, 32, 0, [1.0], levels) for levels in ((), (3, 1, 3)))
+    assert len(weighted.pairs) == len(every.pairs) == 3 * len(paths)
+    assert torch.equal(weighted.pairs[0][1], every.pairs[2][1]) and torch.equal(weighted.pairs[2][1], every.pairs[2][1])
+    assert torch.equal(weighted.pairs[1][1], every.pairs[0][1])
+    for levels, message in [("1,4", "levels 1 to 3"), ("1;2", "comma-separated"), ("0", "1 or more")]:
+        with pytest.raises(CodecError, match=message):
+            train(dataclasses.replace(opts, decoder_levels=levels, force=True), **QUIET)
+    with pytest.raises(CodecError, match="--stage decoder too"):
+        train(dataclasses.replace(opts, stage="both", decoder_levels="1", force=True), **QUIET)
+
     enc = options(image_folder, tmp_path / "e.safetensors", steps=4, init_from=tiny_weights, stage="encoder", ema=0)
     encoder_only = Autoencoder.from_pretrained(train(enc, **QUIET).out)
     first = Autoencoder.from_pretrained(tiny_weights)
