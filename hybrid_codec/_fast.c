@@ -719,7 +719,7 @@ static void patch_mix(const PatchMix *e, const Variant *v) {
 }
 
 static int pixel_mix(const PixelMix *e, const Variant *v) {
-    const int64_t blocks = (e->n + BLOCK - 1) / BLOCK;
+    const int64_t blocks = (e->n + BLOCK - 1) / BLOCK, channels = e->mix.channels, hidden = e->mix.hidden;
     void (*multiply)(const PixelMix *, const int32_t *, float *) = e->vnni ? v->multiply_vnni : v->multiply;
     int failed = 0;
 #pragma omp parallel num_threads(e->mix.threads)
@@ -738,11 +738,10 @@ static int pixel_mix(const PixelMix *e, const Variant *v) {
             if (e->sums != NULL)
                 memcpy(e->sums + block * e->rows * BLOCK, linear, sizeof(float) * e->rows * BLOCK);
             else
-                for (int64_t o = 0; o < e->mix.channels; o++) {
-                    const int64_t rows = e->mix.channels * e->mix.hidden; /* lin1 and proj rows of all channels */
-                    const float *kb = linear + (2 * rows + o) * BLOCK;
-                    v->mix_task(&e->mix, linear + o * e->mix.hidden * BLOCK, linear + (rows + o * e->mix.hidden) * BLOCK,
-                                kb, kb + e->mix.channels * BLOCK, BLOCK, o, block * BLOCK);
+                for (int64_t o = 0; o < channels; o++) { /* rows lin1 and proj of every channel, then kb, similar */
+                    const float *kb = linear + (2 * channels * hidden + o) * BLOCK;
+                    v->mix_task(&e->mix, linear + o * hidden * BLOCK, linear + (channels + o) * hidden * BLOCK, kb,
+                                kb + channels * BLOCK, BLOCK, o, block * BLOCK);
                 }
         }
         free(pairs);

@@ -107,6 +107,7 @@ class CodingPlan:
 
 @lru_cache(maxsize=64)
 def coding_plan(channels: int, height: int, width: int) -> CodingPlan:
+    """The phases of `phases(height, width)` over every channel of a (C, h, w) array's ravel, made once per size."""
     size = height * width
     first = (np.arange(channels) * size)[:, None]  # each channel's offset in the ravel
     flat = []
@@ -127,12 +128,7 @@ def coding_plan(channels: int, height: int, width: int) -> CodingPlan:
     return CodingPlan(tuple(flat), joined, np.cumsum([0] + [f.targets.size for f in flat]))
 
 
-def predict(plane: np.ndarray, phase: Phase) -> tuple[np.ndarray, np.ndarray]:
-    """(C, h * w) int16 codes -> per target, the integer prediction and the context, each (C, n)."""
-    return predict_from(*(plane[:, index] for index in phase.neighbours))
-
-
-def predict_from(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predict(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Four neighbours' codes -> the integer prediction and the context.
 
     int16 holds every sum of four codes within +-CODE_LIMIT, and moves half the bytes of int32."""
@@ -188,7 +184,7 @@ class EntropyCoder:
         encoder = self._stream.queue.RangeEncoder()
         encoder.encode(flat[:: height * width].astype(np.int32) + CODE_LIMIT, self._uniform)
         plan = coding_plan(channels, height, width)
-        prediction, context = predict_from(*flat[plan.joined.neighbours])
+        prediction, context = predict(*flat[plan.joined.neighbours])
         # the decoder's order: phase by phase, and within one sorted by table, stably
         key = plan.joined.table + context.astype(np.uint16)
         order = np.argsort(key, kind="stable")
@@ -232,7 +228,7 @@ class EntropyCoder:
         flat = np.zeros(channels * height * width, dtype=np.int16)
         flat[:: height * width] = decoder.decode(self._uniform, channels) - CODE_LIMIT
         for phase in coding_plan(channels, height, width).phases:
-            prediction, context = predict_from(*flat[phase.neighbours])
+            prediction, context = predict(*flat[phase.neighbours])
             table = phase.table + context.astype(np.uint16)
             order = np.argsort(table, kind="stable")  # a radix sort on 16-bit keys
             table = table[order]
@@ -272,12 +268,11 @@ def fit_tables(residual_counts: np.ndarray) -> np.ndarray:
 def symbol_counts(codes: np.ndarray) -> np.ndarray:
     """How often each (channel, context, symbol) occurs when coding `codes` (C, h, w)."""
     channels, height, width = codes.shape
-    plane = np.ascontiguousarray(codes, dtype=np.int16).reshape(channels, -1)
-    counts = np.zeros((channels, CONTEXTS, SYMBOLS), dtype=np.int64)
-    for phase in phases(height, width):
-        prediction, context = predict(plane, phase)
-        residual = plane[:, phase.targets] - prediction
-        symbols = np.where(np.abs(residual) <= RADIUS, residual + RADIUS, ESCAPE)
-        channel = np.broadcast_to(np.arange(channels)[:, None], symbols.shape)
-        np.add.at(counts, (channel, context, symbols), 1)
-    return counts
+    flat = np.ascontiguousarray(codes, dtype=np.int16).ravel()
+    plan = coding_plan(channels, height, width)
+    prediction, context = predict(*flat[plan.joined.neighbours])
+    residual = flat[plan.joined.targets] - prediction
+    symbols = np.where(np.abs(residual) <= RADIUS, residual + RADIUS, ESCAPE)
+    table = plan.joined.table % (channels * CONTEXTS) + context  # channel * CONTEXTS + context
+    counts = np.bincount(table.astype(np.int64) * SYMBOLS + symbols, minlength=channels * CONTEXTS * SYMBOLS)
+    return counts.reshape(channels, CONTEXTS, SYMBOLS)

@@ -352,15 +352,12 @@ def grouped_weights(linear: torch.Tensor, channels: int, hidden: int) -> torch.T
     """The linear matrix (R, P + 1) as the float kernel reads it, (O, tiles, P + 1, TILE): per output
     channel o its rows lin1, proj, kb and similar (2H + 2), zero-padded to whole tiles of TILE rows,
     each tile's column of TILE values contiguous."""
-    o, h = channels, hidden
-    index = torch.arange(o)[:, None]
-    rows = torch.cat(
-        [index * h + torch.arange(h), o * h + index * h + torch.arange(h), 2 * o * h + index, 2 * o * h + o + index], 1
-    )  # (O, 2H + 2)
-    tiles = -(-rows.shape[1] // _fast.TILE)
-    grouped = linear.float()[rows.to(linear.device)]  # (O, 2H + 2, P + 1)
-    grouped = torch.cat([grouped, grouped.new_zeros(o, tiles * _fast.TILE - rows.shape[1], grouped.shape[2])], 1)
-    return grouped.view(o, tiles, _fast.TILE, -1).transpose(2, 3).contiguous()
+    o, h, columns = channels, hidden, linear.shape[1]
+    lin1, proj, kernel_bias, similar = linear.float().split([o * h, o * h, o, o])
+    tiles = -(-(2 * h + 2) // _fast.TILE)
+    padding = linear.new_zeros(o, tiles * _fast.TILE - (2 * h + 2), columns, dtype=torch.float32)
+    parts = (lin1.view(o, h, columns), proj.view(o, h, columns), kernel_bias[:, None], similar[:, None], padding)
+    return torch.cat(parts, 1).view(o, tiles, _fast.TILE, columns).transpose(2, 3).contiguous()
 
 
 def integer_weights(linear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -417,13 +414,13 @@ class FastAutoencoder:
 
     def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) -> 8-bit images (B, 8h, 8w, 3), channels-last as image arrays are:
-        `decode`'s pixel shuffle, clamp and rounding to 8 bits in place and one copy."""
+        `decode`'s pixel shuffle, clamp and rounding to 8 bits in place, then two copies of bytes."""
         out = self.decoder(latents).transpose(0, 1)  # (O, B, h, w): the decoder's own, contiguous output
         batch, (height, width), factor = latents.shape[0], latents.shape[2:], self.shuffle.upscale_factor
         channels = out.shape[0] // factor**2
         values = out.view(channels, factor, factor, batch, height, width).clamp_(0, 1).mul_(255).round_()
-        # (c, dy, dx, B, y, x) -> (B, y, dy, x, dx, c), output pixel (y * f + dy, x * f + dx), in two
-        # copies of bytes: twice as fast as one copy of scattered floats
+        # (c, dy, dx, B, y, x) -> (B, y, dy, x, dx, c), output pixel (y * f + dy, x * f + dx): two copies
+        # of bytes are twice as fast as one copy of scattered floats
         grouped = values.to(torch.uint8).permute(3, 1, 2, 0, 4, 5).contiguous()  # (B, dy, dx, c, y, x)
         pixels = grouped.permute(0, 4, 1, 5, 2, 3).contiguous()
         return pixels.view(batch, height * factor, width * factor, channels)
