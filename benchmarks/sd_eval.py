@@ -9,8 +9,9 @@
    the targets' variance within that tile and channel; the mean over tiles per channel, and the
    mean of the 4 channels (0 = exact, 1 = no better than each tile's mean). Encoded at the
    tiles' own 512x512 geometry, through the codec's inference path.
-2. The model's own round trip (its DynamicConv decoder, through real 8-bit latent file bytes) on
-   every image of cbsd68: mean PSNR over RGB 8-bit and mean bits per pixel of the latent files.
+2. The model's own round trip (its DynamicConv decoder, through real latent file bytes) on every
+   image of cbsd68, at each quality level (or in 8-bit files for weights without levels): mean
+   PSNR over RGB 8-bit and mean bits per pixel of the latent files.
 
 The targets are the original author's SD-space encoder's outputs (see ../shared/teacher/README.md),
 not the real SD VAE's: error 1. measures distance to those targets only.
@@ -28,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hybrid_codec import Latent, load_codec  # noqa: E402
+from hybrid_codec import load_codec  # noqa: E402
 from hybrid_codec.distill import TileCrops, find_tiles, relative_errors  # noqa: E402
 from hybrid_codec.images import find_images, image_to_tensor, open_image  # noqa: E402
 from hybrid_codec.metrics import psnr  # noqa: E402
@@ -49,13 +50,13 @@ def latent_errors(codec, tiles_dir: Path, photos: Path, names: list[str]) -> tup
     return torch.cat(errors).mean(0).tolist(), len(pairs)
 
 
-def roundtrip(codec, folder: Path) -> tuple[float, float, int]:
-    """Mean PSNR and bits per pixel of real latent files over every image in `folder`."""
+def roundtrip(codec, folder: Path, quality: int | None = None) -> tuple[float, float, int]:
+    """Mean PSNR and bits per pixel of real latent files (at `quality`; None: the default) of each image in `folder`."""
     scores, rates = [], []
     for path in find_images(folder):
         image = open_image(path)
-        data = codec.encode(image).to_bytes()
-        decoded = codec.decode(Latent.from_bytes(data))
+        data = codec.compress(image, quality)
+        decoded = codec.decompress(data)
         scores.append(psnr(image_to_tensor(image), image_to_tensor(decoded)))
         rates.append(len(data) * 8 / (image.width * image.height))
     return statistics.mean(scores), statistics.mean(rates), len(scores)
@@ -85,8 +86,10 @@ def main() -> None:
             f"latent relative error on {tiles} validation tiles of {folder.name}/: "
             f"{statistics.mean(per_channel):.4f} (per channel {channels})"
         )
-    mean_psnr, mean_bpp, count = roundtrip(codec, args.cbsd68)
-    print(f"own round trip on {count} cbsd68 images: PSNR {mean_psnr:.2f} dB, {mean_bpp:.3f} bpp")
+    for quality in range(1, codec.quality_levels + 1) or [None]:
+        mean_psnr, mean_bpp, count = roundtrip(codec, args.cbsd68, quality)
+        which = f"level {quality}" + (" (default)" if quality == codec.check_quality(None) else "") if quality else ""
+        print(f"own round trip on {count} cbsd68 images {which}: PSNR {mean_psnr:.2f} dB, {mean_bpp:.3f} bpp")
 
 
 if __name__ == "__main__":

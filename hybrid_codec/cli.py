@@ -232,7 +232,13 @@ def decode(
     inputs: Annotated[list[Path], typer.Argument(help="Latent files or folders of them.", metavar="LATENTS...")],
     output: OutOption = None,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Weights to decode with (default: the file's own model).")
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Weights to decode with (default: the file's own model); with --decoder sd or taesd, the weights "
+            "whose tables read a compact file.",
+        ),
     ] = None,
     decoder: Annotated[
         str, typer.Option(help="hybrid (the model's own decoder), sd (the SD VAE) or taesd, for SD-space latents.")
@@ -252,8 +258,6 @@ def decode(
         fail(f"unknown --decoder {decoder!r}; expected hybrid, sd or taesd")
     if decoder == "hybrid" and vae is not None:
         fail("--vae goes with --decoder sd or --decoder taesd")
-    if decoder != "hybrid" and model is not None:
-        fail(f"--model picks the hybrid decoder's weights; --decoder {decoder} uses --vae")
     sources = expand_inputs(inputs, suffixes=LATENT_SUFFIXES)
     targets = output_paths(sources, output, DECODED_SUFFIX, force)
     if decoder == "hybrid":
@@ -266,7 +270,7 @@ def decode(
         from .paths import save_image
         from .sd import LatentFileDecoder
 
-        sd_decoder = LatentFileDecoder(decoder, vae, device)
+        sd_decoder = LatentFileDecoder(decoder, vae, device, model)
 
         def one(source: Path, target: Path) -> str:
             image = sd_decoder.decode(source)

@@ -17,6 +17,7 @@ checkpoints, EMA and step sampling are the loop's (`training.fit`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from collections.abc import Callable
@@ -27,13 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .codec import Codec
 from .data import RandomCrops, StoredLatentCrops, decoder_scales, scaled_pixels, usable_images
 from .errors import CodecError
-from .images import open_image, pixels_to_tensor
+from .images import image_to_pixels, open_image, pixels_to_tensor
 from .inputs import read_input
+from .levels import export_levels, spread_steps
 from .metrics import psnr
 from .models import Autoencoder, CodecConfig
-from .options import DistillOptions
+from .options import SD_STEP_RANGE, DistillOptions
 from .quantize import dequantize, fake_quantize, quantize
 from .training import Distributed, FitResult, Recipe, Reporter, decoder_levels, fit, initial_weights
 
@@ -267,10 +270,26 @@ class Distillation(Recipe):
         return StoredLatentCrops(self.train_paths, encoder, self.opts.crop, self.opts.seed, scales, levels)
 
     def model(self, config: CodecConfig) -> Autoencoder:
-        model = super().model(config)
-        if self.opts.stage == "decoder":  # its latents come from this encoder: it must not move
-            model.encoder.requires_grad_(False)
+        if self.opts.stage != "decoder":
+            return super().model(config)
+        model = Autoencoder(config)  # its latents come from this encoder and its levels: they must not move
+        model.load_state_dict(initial_weights(self.opts.init_from, config).state_dict())
+        model.encoder.requires_grad_(False)
         return model
+
+    def final(self, model: Autoencoder, config: CodecConfig) -> Autoencoder:
+        """The trained weights; after an encoder stage, quality levels for its latents: steps that are
+        fixed fractions of each channel's spread (`SD_STEP_RANGE`), tables from the training photos' codes."""
+        final = super().final(model, config)
+        if self.opts.stage != "decoder" and final.levels is not None:
+            final.eval()
+            codec = Codec(final, device=self.device)
+            latents = [codec.encode_tensor(image_to_pixels(open_image(p)))[0].cpu() for p in self.train_paths]
+            fractions = np.geomspace(*SD_STEP_RANGE, final.levels.count)
+            steps, offset = spread_steps(latents, fractions)
+            final.levels.offset.copy_(offset)
+            export_levels(final.levels, steps, latents)
+        return final
 
     def clip_groups(self, model: Autoencoder) -> list[torch.nn.Module]:
         return [model.encoder, model.decoder]  # their two losses differ in scale
@@ -314,6 +333,9 @@ class Distillation(Recipe):
 
 def distill(opts: DistillOptions, report: Reporter | None = None, log: Callable[[str], None] = print) -> FitResult:
     """Train the SD-space student; writes --out (the EMA weights) at every validation and at the end."""
+    if opts.stage == "decoder" and opts.init_from is not None:  # the decoder learns --init-from's levels
+        levels = initial_weights(opts.init_from, opts.model).config.quality_levels
+        opts = dataclasses.replace(opts, model=dataclasses.replace(opts.model, quality_levels=levels))
     return fit(Distillation(opts), opts, report, log)
 
 

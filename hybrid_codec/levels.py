@@ -114,6 +114,14 @@ def laplace_bits(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return -torch.log2(mass.clamp_min(1e-9))
 
 
+def spread_steps(latents: Iterable[torch.Tensor], fractions: Iterable[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps (L, C) that are `fractions` of each channel's spread over `latents` (each (C, h, w)), and
+    the channels' means as the offset: levels for a latent space that is not learned (the `sd` model's)."""
+    flat = torch.cat([z.flatten(1) for z in latents], 1).double()
+    steps = torch.tensor(list(fractions), dtype=torch.float64)[:, None] * flat.std(1)[None]
+    return steps.float(), flat.mean(1).float()
+
+
 def export_levels(levels: QualityLevels, steps: torch.Tensor, latents: Iterable[torch.Tensor]) -> QualityLevels:
     """Fix `steps` and fit each level's integer tables to the codes of `latents` (each (C, h, w))."""
     levels.steps.copy_(steps)

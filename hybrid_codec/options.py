@@ -52,6 +52,13 @@ def model_name_for(out: Path) -> str:
     return out.name.removesuffix(".safetensors")
 
 
+SD_LEVELS = 6
+SD_STEP_RANGE = (0.24, 0.03)
+"""The `sd` model's quality levels: steps from 0.24 to 0.03 of each channel's spread over the training
+photos' latents, evenly on a log scale (SD space is not learned, so neither are its steps). The finest
+is about an 8-bit min/max file's step, so the SD VAE sees what it saw in those files."""
+
+
 def sd_config(encoder_hidden: int = 12, decoder_hidden: int = 16, decoder_kernel: int = 3) -> CodecConfig:
     return CodecConfig(
         name="sd",
@@ -59,6 +66,7 @@ def sd_config(encoder_hidden: int = 12, decoder_hidden: int = 16, decoder_kernel
         encoder_hidden=encoder_hidden,
         decoder_hidden=decoder_hidden,
         decoder_kernel=decoder_kernel,
+        quality_levels=SD_LEVELS,
     )
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .bitstream import Latent
-from .codec import Codec, load_codec, pick_device
+from .bitstream import Latent, read_file
+from .codec import Codec, Codecs, load_codec, pick_device
+from .compact import Packed
 from .errors import CodecError
 from .images import ImageLike, image_to_tensor, tensor_to_image
 
@@ -279,9 +280,16 @@ def decode_latents(
 class LatentFileDecoder:
     """Decodes SD-space latent files with the SD VAE or TAESD, loading the VAE once for many files."""
 
-    def __init__(self, kind: str = "sd", vae: str | os.PathLike | None = None, device: str | torch.device = "auto"):
+    def __init__(
+        self,
+        kind: str = "sd",
+        vae: str | os.PathLike | None = None,
+        device: str | torch.device = "auto",
+        model: str | None = None,
+    ):
         self.kind, self.source, self.device = kind, vae, pick_device(device)  # a bad device: one error up front
         self.vae = None  # loaded (perhaps downloaded) at the first latent that it can decode, not before
+        self.codecs = Codecs(model, "cpu")  # a compact file's codes need the tables of the weights that wrote it
 
     def check(self, latent: Latent) -> None:
         """Refuse a latent that no SD VAE decodes, before any VAE is loaded."""
@@ -293,10 +301,12 @@ class LatentFileDecoder:
         if latent.codes.shape[0] != 4:
             raise CodecError(f"SD latents have 4 channels, this one has {latent.codes.shape[0]}")
 
-    def decode(self, latent: Latent | str | os.PathLike) -> Image.Image:
+    def decode(self, latent: Latent | Packed | str | os.PathLike) -> Image.Image:
         """A latent file (or Latent) of the `sd` model -> PIL image of the original size."""
-        if not isinstance(latent, Latent):
-            latent = Latent.load(latent)
+        if not isinstance(latent, Latent | Packed):
+            latent = read_file(latent)
+        if isinstance(latent, Packed):
+            latent = self.codecs.for_file(latent).load(latent)
         self.check(latent)
         if self.vae is None:
             self.vae = load_vae(self.kind, self.source, self.device)

@@ -192,6 +192,32 @@ def test_sd_teacher_must_give_sd_shaped_latents(tmp_path, image_folder):
     assert "not an SD VAE" in line
 
 
+def check_sd_levels(model: Autoencoder, image_folder: Path) -> None:
+    """An encoder stage's quality levels: steps that are fixed fractions of each channel's spread over
+    the training photos' latents, coarse to fine, whose files round-trip and grow with the level."""
+    from hybrid_codec import compact
+    from hybrid_codec.codec import Codec
+    from hybrid_codec.options import SD_LEVELS, SD_STEP_RANGE
+
+    assert model.config.quality_levels == SD_LEVELS and model.levels is not None
+    ratios = model.levels.steps / model.levels.steps[0]  # the same ladder for every channel
+    expected = torch.from_numpy(np.geomspace(*SD_STEP_RANGE, SD_LEVELS) / SD_STEP_RANGE[0]).float()
+    torch.testing.assert_close(ratios, expected[:, None].expand_as(ratios))
+    codec = Codec(model)
+    image = Image.open(image_folder / "img1.png").convert("RGB")
+    sizes, errors = [], []
+    for level in range(1, SD_LEVELS + 1):
+        data = codec.compress(image, level)
+        assert compact.unpack(data).level == level
+        latent = codec.load(data)
+        assert torch.equal(latent.codes, codec.encode(image, level).codes)
+        exact = codec.encode_tensor(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None])[0]
+        sizes.append(len(data))
+        errors.append(float((latent.dequantize()[0] - exact).abs().max() / model.levels.steps[level - 1].max()))
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert max(errors) <= 0.5 + 1e-4  # rounding to the level's step, no more
+
+
 def test_stages_train_one_half_and_keep_the_other(tmp_path, image_folder, tiles):
     """--stage encoder leaves the decoder as --init-from had it; --stage decoder the encoder, and it
     trains on the latents its files hold (so its round trip improves)."""
@@ -209,12 +235,15 @@ def test_stages_train_one_half_and_keep_the_other(tmp_path, image_folder, tiles)
     for name, value in start.decoder.state_dict().items():
         assert torch.equal(value, encoder_only.decoder.state_dict()[name]), name
     assert not torch.equal(start.encoder.conv.similar_conv.weight, encoder_only.encoder.conv.similar_conv.weight)
+    check_sd_levels(encoder_only, image_folder)
 
     dec = DistillOptions(out=tmp_path / "d.safetensors", steps=30, stage="decoder", init_from=enc.out, **common)
     dec.decoder_min_scale = 0.5
     decoder_only = Autoencoder.from_pretrained(distill(dec, log=lambda m: None).out)
     for name, value in encoder_only.encoder.state_dict().items():
         assert torch.equal(value, decoder_only.encoder.state_dict()[name]), name
+    for name, value in encoder_only.levels.state_dict().items():  # the same codes, the same tables
+        assert torch.equal(value, decoder_only.levels.state_dict()[name]), name
     image = torch.from_numpy(np.array(Image.open(image_folder / "img0.png").convert("RGB"))).permute(2, 0, 1)
     before, after = (Codec(m).roundtrip_tensor(image[None]) for m in (encoder_only, decoder_only))
     target = image[None].float() / 255
