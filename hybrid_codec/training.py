@@ -234,8 +234,17 @@ class Recipe:
     opts: LoopOptions
 
     def model(self, config: CodecConfig) -> Autoencoder:
-        """The weights the run starts from (called after seeding): --init-from's, where given."""
+        """The weights the run starts from (called after seeding): --init-from's, where given. An
+        encoder stage of another encoder size takes only its decoder: the encoder starts afresh."""
         model = Autoencoder(config)
+        if self.opts.init_from and self.opts.stage == "encoder":
+            from .zoo import resolve_weights
+
+            hidden = Autoencoder.from_pretrained(resolve_weights(self.opts.init_from)).config.encoder_hidden
+            if hidden != config.encoder_hidden:
+                source = initial_weights(self.opts.init_from, dataclasses.replace(config, encoder_hidden=hidden))
+                model.decoder.load_state_dict(source.decoder.state_dict())
+                return model
         if self.opts.init_from:
             source = initial_weights(self.opts.init_from, config)
             weights = {k: v for k, v in source.state_dict().items() if not k.startswith("levels.")}

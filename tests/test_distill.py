@@ -249,5 +249,19 @@ def test_stages_train_one_half_and_keep_the_other(tmp_path, image_folder, tiles)
     target = image[None].float() / 255
     assert F.mse_loss(after, target) < F.mse_loss(before, target)
 
+    wider = DistillOptions(out=tmp_path / "w.safetensors", steps=2, stage="encoder", init_from=enc.out, **common)
+    wider.model = sd_config(encoder_hidden=5, decoder_hidden=4)  # another encoder size: only the decoder is taken
+    grown = Autoencoder.from_pretrained(distill(wider, log=lambda m: None).out)
+    assert grown.config.encoder_hidden == 5 and grown.encoder.conv.dense1.weight.shape[1] == 5
+    for name, value in encoder_only.decoder.state_dict().items():
+        assert torch.equal(value, grown.decoder.state_dict()[name]), name
+    wider.model, wider.out, wider.stage = (
+        sd_config(encoder_hidden=5, decoder_hidden=5),
+        tmp_path / "v.safetensors",
+        "both",
+    )
+    with pytest.raises(CodecError, match="differs"):  # the decoder must match, and any other stage takes it all
+        distill(wider, log=lambda m: None)
+
     args = ["distill", str(image_folder), "--out", str(tmp_path / "x.safetensors"), *SMALL, "--stage", "decoder"]
     assert "--init-from" in one_error_line(runner.invoke(app, [*args, "--teacher-latents", str(tiles)]))
