@@ -59,7 +59,7 @@ photos' latents, evenly on a log scale (SD space is not learned, so neither are 
 is about an 8-bit min/max file's step, so the SD VAE sees what it saw in those files."""
 
 
-def sd_config(encoder_hidden: int = 12, decoder_hidden: int = 16, decoder_kernel: int = 3) -> CodecConfig:
+def sd_config(encoder_hidden: int = 14, decoder_hidden: int = 16, decoder_kernel: int = 3) -> CodecConfig:
     return CodecConfig(
         name="sd",
         latent_space="sd",

@@ -109,7 +109,7 @@ def test_an_uploaded_latent_is_decoded_by_the_model_that_made_it(tmp_path, image
     assert Path(view.latent).name == "a.q2.hyb" and Path(view.latent).read_bytes() == page.codec("photo").compress(
         image, 2
     )
-    view = page.run(str(source), "sd", 6)  # no quality levels: the slider is ignored
+    view = page.run(str(source), "native", 6)  # no quality levels: the slider is ignored
     assert Path(view.latent).name == "a.latent.pt" and "8-bit" in view.stats
     page.close()
 
