@@ -877,11 +877,81 @@ static PyObject *py_activation(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+/* The entropy coder's context model on the encoder's side (entropy.py's `sorted_symbols`): for each
+   symbol of the joined coding plan, the prediction (the floor of its four neighbours' mean), the
+   context (their max - min, at most contexts - 1), its key (the plan's table + context) and its
+   symbol (the residual + radius, or the escape); then the symbols sorted by key, stably (a counting
+   sort), the escaped codes in that order (+ code_limit), and how many symbols each key has. Integer
+   arithmetic only, as numpy's: the decoder (numpy) must expect exactly these symbols. Returns the
+   number of escapes. Not a coder: constriction codes what this returns. */
+static PyObject *py_sorted_symbols(PyObject *self, PyObject *args) {
+    Py_ssize_t codes_p, neighbours_p, targets_p, table_p, symbols_p, escapes_p, counts_p;
+    long long n, keys;
+    int contexts, radius, escape, code_limit;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnLLnnniiii", &codes_p, &neighbours_p, &targets_p, &table_p, &n, &keys, &symbols_p,
+                          &escapes_p, &counts_p, &contexts, &radius, &escape, &code_limit))
+        return NULL;
+    if (n < 0 || keys < 1 || contexts < 1) {
+        PyErr_SetString(PyExc_ValueError, "sorted_symbols: sizes out of range");
+        return NULL;
+    }
+    const int16_t *codes = (const int16_t *)codes_p;
+    const int64_t *nb = (const int64_t *)neighbours_p, *targets = (const int64_t *)targets_p;
+    const uint16_t *table = (const uint16_t *)table_p;
+    int32_t *symbols = (int32_t *)symbols_p, *escapes = (int32_t *)escapes_p;
+    int64_t *counts = (int64_t *)counts_p;
+    uint16_t *key = malloc((size_t)(n ? n : 1) * sizeof(uint16_t));
+    int32_t *packed = malloc((size_t)(n ? n : 1) * sizeof(int32_t)); /* symbol, and the code above it */
+    if (key == NULL || packed == NULL) {
+        free(key);
+        free(packed);
+        return PyErr_NoMemory();
+    }
+    memset(counts, 0, (size_t)keys * sizeof(int64_t));
+    for (long long i = 0; i < n; i++) {
+        const int a = codes[nb[i]], b = codes[nb[n + i]], c = codes[nb[2 * n + i]], d = codes[nb[3 * n + i]];
+        const int sum = a + b + c + d;
+        const int prediction = sum >= 0 ? sum / 4 : -((-sum + 3) / 4); /* floor, as numpy's >> 2 */
+        const int high = (a > b ? a : b) > (c > d ? c : d) ? (a > b ? a : b) : (c > d ? c : d);
+        const int low = (a < b ? a : b) < (c < d ? c : d) ? (a < b ? a : b) : (c < d ? c : d);
+        const int context = high - low < contexts - 1 ? high - low : contexts - 1;
+        const int value = codes[targets[i]], residual = value - prediction;
+        const int symbol = residual <= radius && residual >= -radius ? residual + radius : escape;
+        key[i] = (uint16_t)(table[i] + context);
+        packed[i] = symbol | (value + code_limit) << 8; /* symbols < 256, codes + limit < 2^23 */
+        counts[key[i]]++;
+    }
+    int64_t *start = malloc((size_t)keys * sizeof(int64_t));
+    if (start == NULL) {
+        free(key);
+        free(packed);
+        return PyErr_NoMemory();
+    }
+    for (long long k = 0, at = 0; k < keys; k++) {
+        start[k] = at;
+        at += counts[k];
+    }
+    for (long long i = 0; i < n; i++) symbols[start[key[i]]++] = packed[i];
+    long long escaped = 0;
+    for (long long i = 0; i < n; i++) {
+        const int32_t symbol = symbols[i] & 255;
+        if (symbol == escape) escapes[escaped++] = symbols[i] >> 8;
+        symbols[i] = symbol;
+    }
+    free(start);
+    free(key);
+    free(packed);
+    return PyLong_FromLongLong(escaped);
+}
+
 static PyMethodDef methods[] = {
     {"dynamic_from_patches", py_patch_mix, METH_VARARGS, "DynamicConv's eval forward from float patches (see fast.py)."},
     {"activation", py_activation, METH_VARARGS, "The HybridDense activation of n values (see fast.py)."},
     {"dynamic_from_pixels", py_pixel_mix, METH_VARARGS, "The encoder's forward from 8-bit pixels (see fast.py)."},
     {"pixel_sums", py_pixel_sums, METH_VARARGS, "The integer sums of dynamic_from_pixels alone (for the tests)."},
+    {"sorted_symbols", py_sorted_symbols, METH_VARARGS, "The entropy coder's symbols, sorted (see entropy.py)."},
     {NULL, NULL, 0, NULL},
 };
 

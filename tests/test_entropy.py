@@ -60,6 +60,36 @@ def test_every_level_decodes_exactly_what_was_coded(shape_seed, level, kind, pho
     assert np.array_equal(coder.decompress(data, codes.shape), codes)
 
 
+@pytest.mark.skipif(entropy._fast is None, reason="built without the C kernel")
+@settings(max_examples=60, deadline=None)
+@given(shape_seed=codes_arrays, channels=st.integers(1, 5), kind=st.sampled_from(["smooth", "wild", "flat"]))
+def test_the_compiled_context_model_gives_numpys_symbols_exactly(shape_seed, channels, kind):
+    """Symbols, escapes and counts per key, bit for bit, with the kernel and without (HYBRID_CODEC_KERNEL=0),
+    and so the same bytes: the decoder (numpy) expects what either encoder wrote."""
+    height, width, seed = shape_seed
+    rng = np.random.default_rng(seed)
+    if kind == "smooth":
+        codes = np.cumsum(rng.integers(-9, 10, (channels, height, width)), axis=2)
+    elif kind == "wild":  # negative sums, every context, escapes at both ends of the range
+        codes = rng.integers(-entropy.CODE_LIMIT, entropy.CODE_LIMIT + 1, (channels, height, width))
+    else:
+        codes = np.full((channels, height, width), rng.integers(-50, 50))
+    flat = np.ascontiguousarray(codes, dtype=np.int16).ravel()
+    plan = entropy.coding_plan(channels, height, width)
+    compiled = entropy.sorted_symbols(flat, plan, channels)
+    tables = entropy.fit_tables(rng.integers(0, 50, (channels, entropy.CONTEXTS, entropy.SYMBOLS)))
+    coder = entropy.EntropyCoder(tables)
+    data = coder.compress(codes)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HYBRID_CODEC_KERNEL", "0")
+        plain = entropy.sorted_symbols(flat, plan, channels)
+        assert coder.compress(codes) == data
+    for got, expected in zip(compiled, plain, strict=True):
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert compiled[2].sum() == plan.joined.targets.size
+    assert np.array_equal(coder.decompress(data, codes.shape), codes)
+
+
 @pytest.fixture(scope="module")
 def photo_levels(photo):
     return photo.levels
